@@ -260,6 +260,10 @@ def unroll(
         # alpha's (tiny) graph is rebuilt per step so a per-step backward can free it.
         alpha = model.effective_step_size() if jitter is None else model.effective_step_size() * jitter
         y = wrt - alpha * g
+        if not make_graph and not model.step_size.requires_grad:
+            # g is a constant and alpha is fixed: nothing trainable reaches y, so keeping its
+            # chain (softmaxes of every earlier step) would only cost memory (S2 truncation).
+            y = y.detach()
         nonfinite = nonfinite | ~torch.isfinite(g).all()
         step_energies.append(energy.detach().mean())
         loss_k = cross_entropy(y, targets)

@@ -162,3 +162,35 @@ class _ProbEnergy(torch.nn.Module):
 
     def forward(self, ids, probs, step=0):
         return self.model.energy_from_probs(self.model.prepare(ids, step), probs, step)
+
+
+def test_transformer_pp_is_causal_and_shares_the_blocks():
+    torch.manual_seed(0)
+    base = tiny_model_cfg(arch="transformer++")
+    model = build_model(base).double()
+    ebt = build_model(tiny_model_cfg())
+    assert type(model.layers[0]) is type(ebt.layers[0])
+    assert model.lm_head.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()  # untied
+    ids = torch.randint(0, 13, (2, 8))
+    with torch.no_grad():
+        logits = model(ids)
+        later = ids.clone()
+        later[:, 5:] = (later[:, 5:] + 1) % 13
+        assert torch.equal(model(later)[:, :5], logits[:, :5])
+
+
+def test_build_model_rejects_bad_config_with_the_key():
+    with pytest.raises(ValueError, match=r"model\.num_heads"):
+        build_model(tiny_model_cfg(num_heads=3))
+    with pytest.raises(ValueError, match=r"model\.dimm: unknown key \(did you mean 'dim'\?\)"):
+        build_model(dict(tiny_model_cfg(), dimm=4))
+    with pytest.raises(ValueError, match=r"model\.ebt_type"):
+        build_model(tiny_model_cfg(ebt_type="film"))
+
+
+def test_energy_rejects_wrong_shapes():
+    model = build_model(tiny_model_cfg())
+    with pytest.raises(ValueError, match="candidate_logits must be"):
+        model.energy(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 12))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.energy(torch.zeros(1, 9, dtype=torch.long), torch.zeros(1, 9, 13))

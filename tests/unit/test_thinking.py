@@ -41,11 +41,12 @@ def _run(model, ids, cfg, seed, replay_rows=None):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_lean_paths_equal_plain_path(variant, recipe):
+@pytest.mark.parametrize("learn_alpha", (True, False))
+def test_lean_paths_equal_plain_path(variant, recipe, learn_alpha):
     """5(a) per-step backward and 5(b) context reuse + two-stream attention give the loss and
     parameter gradients of the literal path (reference attention, one backward) to 1e-10."""
     cfg = RECIPES[recipe]
-    ref, fast = model_pair(seed=11, ebt_type=variant, learn_step_size=recipe == "s1")
+    ref, fast = model_pair(seed=11, ebt_type=variant, learn_step_size=learn_alpha)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 13, (4, 7), generator=g)
     rows = (torch.randint(0, 13, (3, 7), generator=g), torch.randn(3, 6, 13, generator=g, dtype=torch.float64))
@@ -59,7 +60,7 @@ def test_lean_paths_equal_plain_path(variant, recipe):
     assert all(v is not None for v in g_plain.values())
     for name in g_plain:
         assert (g_plain[name] - g_lean[name]).abs().max().item() < 1e-10, name
-    if recipe == "s1":
+    if learn_alpha:
         assert "step_size" in g_lean and g_lean["step_size"].abs().item() > 0
 
 
