@@ -1,0 +1,271 @@
+"""The streaming reader: global batches in the global order, one rank's rows, a one-integer cursor.
+
+The stream is cut into global batches ("windows") of `global_batch_size` healthy samples, taken in
+order from stream position `consumed` on (see order.py). Rank r of W takes rows
+`rank_slice(B, r, W)` of every window; DataLoader worker w of n produces windows w, w+n, w+2n, ...
+and the DataLoader hands them back in that order, so the batches a rank sees do not depend on n.
+Every worker reads the shards its windows touch in full (to verify them) and decodes only its rows.
+
+The cursor is the count of stream positions consumed by all ranks together: it is the same on every
+rank, goes into checkpoints as one integer, and resuming with any rank count, worker count or batch
+size continues at exactly that position. It is tied to the manifest, tokenizer, seed and mixture
+by fingerprints: a mismatch on resume is refused unless `data.allow_manifest_change`.
+
+Damaged shards: with `on_bad_shard="error"` the first one stops the run with its name and the
+kind of damage. With `"skip"` its positions are passed over (a window extends until it holds B
+healthy samples, identically on every rank since all of them verify the same shards); each
+damaged shard is logged once and the samples lost are counted in `skipped_samples`.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.config import BAD_SHARD_POLICIES
+from data_pipeline.manifest import SPLITS, Manifest
+from data_pipeline.order import GlobalOrder, rank_slice
+from data_pipeline.shards import ShardError, read_shard
+
+if TYPE_CHECKING:
+    from data_pipeline.prepare import PreparedData
+
+log = logging.getLogger(__name__)
+
+
+class ShardStore:
+    """Verified token blocks of one split's shards, a few kept in memory; damaged ones remembered."""
+
+    def __init__(self, directory: Path, manifest: Manifest, split: str, on_bad_shard: str) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.infos = manifest.shards(split)
+        self.on_bad_shard = on_bad_shard
+        self.damaged: Dict[int, str] = {}
+        self._cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._capacity = 2 * len(manifest.sources) + 2
+
+    def get(self, index: int) -> Optional[np.ndarray]:
+        """The (samples, sample_len) block of shard `index`, or None if it is damaged and skipped."""
+        if index in self.damaged:
+            return None
+        block = self._cache.get(index)
+        if block is not None:
+            self._cache.move_to_end(index)
+            return block
+        info = self.infos[index]
+        try:
+            block = read_shard(self.directory / info.name, samples=info.samples, sample_len=self.manifest.sample_len,
+                               dtype=self.manifest.dtype, sha256=info.sha256, vocab_size=self.manifest.vocab_size)
+        except ShardError as err:
+            if self.on_bad_shard == "error":
+                raise
+            self.damaged[index] = str(err)
+            return None
+        self._cache[index] = block
+        if len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        return block
+
+
+@dataclass
+class Window:
+    """One global batch: where its healthy samples live, and the stream position after it."""
+
+    shards: np.ndarray
+    samples: np.ndarray
+    blocks: Dict[int, np.ndarray]
+    end: int
+    damaged: Tuple[Tuple[str, str], ...]
+    """(file name, message) of the damaged shards this window passed over."""
+
+    def rows(self, rows: slice, sample_len: int) -> torch.Tensor:
+        shards, samples = self.shards[rows], self.samples[rows]
+        out = np.empty((len(shards), sample_len), dtype=np.int64)
+        for shard in np.unique(shards):
+            here = shards == shard
+            out[here] = self.blocks[int(shard)][samples[here]]
+        return torch.from_numpy(out)
+
+
+def windows(order: GlobalOrder, store: ShardStore, start: int, global_batch_size: int,
+            stop: Optional[int] = None) -> Iterator[Window]:
+    """Consecutive global batches from stream position `start` (until `stop`, dropping a partial one)."""
+    cursor = start
+    while True:
+        shards: List[np.ndarray] = []
+        samples: List[np.ndarray] = []
+        blocks: Dict[int, np.ndarray] = {}
+        damaged: Dict[str, str] = {}
+        have, fruitless = 0, 0
+        while have < global_batch_size:
+            take = global_batch_size - have if stop is None else min(global_batch_size - have, stop - cursor)
+            if take <= 0:
+                return
+            sh, sa = order.locate(cursor, cursor + take)
+            cursor += take
+            ok = np.ones(take, dtype=bool)
+            for shard in np.unique(sh).tolist():
+                block = store.get(shard)
+                if block is None:
+                    ok &= sh != shard
+                    damaged[store.infos[shard].name] = store.damaged[shard]
+                else:
+                    blocks[shard] = block
+            shards.append(sh[ok])
+            samples.append(sa[ok])
+            have += int(ok.sum())
+            fruitless = 0 if ok.any() else fruitless + take
+            if fruitless > order.epoch_size:
+                raise ShardError(f"no healthy shard left in {store.directory} ({len(store.damaged)} damaged; "
+                                 f"last: {store.damaged[int(sh[-1])]})", str(store.directory), "all damaged")
+        yield Window(np.concatenate(shards), np.concatenate(samples), blocks, cursor, tuple(damaged.items()))
+
+
+class _RankStream(IterableDataset):
+    """One rank's batches from stream position `start`; inside a DataLoader worker, its share of them.
+
+    Yields (tokens or None, stream position after the batch, damaged-shard messages, error or None):
+    a shard error travels as data, so the training process can raise it as one clean line.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, split: str, order: GlobalOrder, start: int,
+                 global_batch_size: int, rank: int, world_size: int, on_bad_shard: str,
+                 stop: Optional[int]) -> None:
+        self.directory, self.manifest, self.split, self.order = directory, manifest, split, order
+        self.start, self.global_batch_size, self.stop = start, global_batch_size, stop
+        self.rows = rank_slice(global_batch_size, rank, world_size)
+        self.on_bad_shard = on_bad_shard
+
+    def __iter__(self) -> Iterator[Tuple[Optional[torch.Tensor], int, Tuple[Tuple[str, str], ...],
+                                         Optional[Tuple[str, str, str]]]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        store = ShardStore(self.directory, self.manifest, self.split, self.on_bad_shard)
+        try:
+            for k, window in enumerate(windows(self.order, store, self.start, self.global_batch_size, self.stop)):
+                if k % num_workers == worker:
+                    yield window.rows(self.rows, self.manifest.sample_len), window.end, window.damaged, None
+        except ShardError as err:
+            yield None, -1, (), (str(err), err.shard, err.kind)
+
+
+class ShardLoader:
+    """Iterable of LongTensor batches (global_batch_size // world_size, seq_len + 1) for one rank.
+
+    `train` is infinite and each `iter()` continues from the cursor; `val` is one finite pass of
+    len(loader) batches from its start (a last partial global batch is left out).
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, split: str, *, global_batch_size: int, rank: int,
+                 world_size: int, seed: int, num_workers: int, on_bad_shard: str,
+                 weights: Optional[Sequence[float]], allow_manifest_change: bool) -> None:
+        infos = manifest.shards(split)
+        self.directory, self.manifest, self.split = directory, manifest, split
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.seed, self.num_workers, self.on_bad_shard = seed, num_workers, on_bad_shard
+        self.weights = list(weights) if weights is not None else None
+        self.allow_manifest_change = allow_manifest_change
+        self.order = GlobalOrder([s.source for s in infos], [s.samples for s in infos], seed, self.weights)
+        self.consumed = 0
+        """Stream positions consumed by all ranks together (damaged ones included)."""
+        self.skipped_samples = 0
+        self.damaged_shards: Dict[str, str] = {}
+        """Damaged shards seen (under `skip`): file name -> message."""
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.order.epoch_size
+
+    def __len__(self) -> int:
+        if self.split == "train":
+            raise TypeError("the train loader is infinite")
+        return self.order.epoch_size // self.global_batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        start = self.consumed if self.split == "train" else 0
+        stop = None if self.split == "train" else self.order.epoch_size
+        stream = _RankStream(self.directory, self.manifest, self.split, self.order, start, self.global_batch_size,
+                             self.rank, self.world_size, self.on_bad_shard, stop)
+        batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers) if self.num_workers else stream
+        previous = start
+        for tokens, end, damaged, error in batches:
+            if error is not None:
+                raise ShardError(*error)
+            for name, message in damaged:
+                if name not in self.damaged_shards:
+                    self.damaged_shards[name] = message
+                    log.warning("data: skipping (on_bad_shard=skip) %s", message)
+            self.skipped_samples += end - previous - self.global_batch_size
+            previous = end
+            self.consumed = end
+            yield tokens
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The cursor and what it is valid for; JSON-serialisable."""
+        return {
+            "consumed": self.consumed,
+            "fingerprint": self.manifest.fingerprint,
+            "tokenizer": self.manifest.tokenizer["fingerprint"],
+            "seed": self.seed,
+            "weights": self.weights,
+            "split": self.split,
+            "epoch_size": self.order.epoch_size,
+            "skipped_samples": self.skipped_samples,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from a saved cursor; call before iterating. Refuses a cursor of another data setup."""
+        now = self.state_dict()
+        changes = [
+            ("tokenizer", "tokenizer", "the token ids differ"),
+            ("fingerprint", "manifest", "the shards differ"),
+            ("seed", "data.seed", "the sample order differs"),
+            ("weights", "data.weights", "the mixture differs"),
+        ]
+        for key, what, why in changes:
+            if state.get(key) != now[key]:
+                message = (f"data: the checkpoint's cursor was saved for {what} {state.get(key)!r}, this run has "
+                           f"{now[key]!r} ({self.directory}): {why}, so exact-once resume is impossible")
+                if not self.allow_manifest_change:
+                    raise ValueError(message + "; set data.allow_manifest_change=true to continue anyway")
+                log.warning("%s; continuing at sample %d (data.allow_manifest_change=true)", message, state["consumed"])
+        self.consumed = int(state["consumed"])
+        self.skipped_samples = int(state.get("skipped_samples", 0))
+
+
+def make_loader(prepared: "PreparedData", split: str, *, global_batch_size: int, rank: int, world_size: int, seed: int,
+                num_workers: int = 0, on_bad_shard: str = "error") -> ShardLoader:
+    """A resumable loader over one split of `prepared` for one data-parallel rank.
+
+    Mixture weights and `allow_manifest_change` come from `prepared.cfg`; weights apply to `train`
+    only (`val` is every validation sample once).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+    if on_bad_shard not in BAD_SHARD_POLICIES:
+        raise ValueError(f"data.on_bad_shard: {on_bad_shard!r} is not one of {BAD_SHARD_POLICIES}")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers: must be >= 0, got {num_workers}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
+    if global_batch_size < 1 or global_batch_size % world_size:
+        raise ValueError(f"global_batch_size: {global_batch_size} is not a positive multiple of world_size={world_size}")
+    manifest = prepared.manifest
+    if not manifest.shards(split):
+        raise ValueError(f"data.val_fraction: {prepared.dir} has no {split!r} split (it was built with val_fraction=0)")
+    weights = prepared.cfg.weights if split == "train" else None
+    if weights is not None and len(weights) != len(manifest.sources):
+        raise ValueError(f"data.weights: {len(weights)} weights for the {len(manifest.sources)} sources of {prepared.dir}")
+    if split == "val" and manifest.num_samples("val") < global_batch_size:
+        raise ValueError(f"global_batch_size: {global_batch_size} exceeds the {manifest.num_samples('val')} samples "
+                         f"of the val split of {prepared.dir}; lower it or raise data.val_fraction")
+    return ShardLoader(Path(prepared.dir), manifest, split, global_batch_size=global_batch_size, rank=rank,
+                       world_size=world_size, seed=seed, num_workers=num_workers, on_bad_shard=on_bad_shard,
+                       weights=weights, allow_manifest_change=prepared.cfg.allow_manifest_change)
