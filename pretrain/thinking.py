@@ -19,12 +19,12 @@ Two execution paths beyond the literal one, both exactly equal to it (tests prov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .model.ebt import Context, EnergyTransformer, candidate_probs
+from .model.ebt import Context, EnergyTransformer
+from .model.vocab import LOCAL_VOCAB
 
 CREATE_GRAPH = ("all", "last")
 LOSS_ON = ("mean", "last")
@@ -176,10 +176,16 @@ def initial_candidates(batch: int, seq: int, vocab: int, cfg: ThinkingConfig, ge
     return _randn((batch, seq, vocab), generator, device, dtype) * cfg.init_std
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token CE in at least float32; targets < 0 are padding."""
-    work = torch.promote_types(logits.dtype, torch.float32)
-    return F.cross_entropy(logits.to(work).flatten(0, 1), targets.flatten(), ignore_index=-100)
+cross_entropy = LOCAL_VOCAB.cross_entropy
+
+BackwardFn = Callable[[Sequence[torch.Tensor], Optional[Sequence[torch.Tensor]], bool], None]
+"""backward_fn(tensors, grad_tensors, is_last): runs one backward of the unroll. Data
+parallelism passes one that synchronises gradients only when `is_last` (one all-reduce per
+optimizer step however many per-step backwards the unroll makes)."""
+
+
+def _plain_backward(tensors, grad_tensors, is_last) -> None:
+    torch.autograd.backward(list(tensors), None if grad_tensors is None else list(grad_tensors))
 
 
 def draw_num_steps(cfg: ThinkingConfig, generator) -> int:
@@ -199,6 +205,7 @@ def unroll(
     loss_scale: float = 1.0,
     num_steps: Optional[int] = None,
     initial_logits: Optional[torch.Tensor] = None,
+    backward_fn: BackwardFn = _plain_backward,
 ) -> UnrollResult:
     """One training unroll on a batch of token ids (B, S+1).
 
@@ -213,8 +220,10 @@ def unroll(
     vocab = model.vocab_size
     k_steps = num_steps if num_steps is not None else draw_num_steps(cfg, generator)
 
-    y = initial_logits if initial_logits is not None else initial_candidates(
-        batch, seq, vocab, cfg, generator, device, dtype
+    vocab_ops = model.vocab_ops
+    # Drawn over the full vocabulary, then sharded: every layout sees the same candidate.
+    y = initial_logits if initial_logits is not None else vocab_ops.shard(
+        initial_candidates(batch, seq, vocab, cfg, generator, device, dtype)
     )
     fresh_ids = input_ids
     if replay is not None and cfg.replay_fraction > 0 and len(replay) > 0:
@@ -244,16 +253,18 @@ def unroll(
     step_energies: List[torch.Tensor] = []
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
+    last_backward = k_steps - 1 if context_graph is None else k_steps
     for k in range(k_steps):
         if cfg.langevin_std > 0:
-            y = y + _randn(y.shape, generator, device, dtype) * cfg.langevin_std
+            noise = _randn((*y.shape[:-1], vocab), generator, device, dtype)
+            y = y + vocab_ops.shard(noise) * cfg.langevin_std
         if cfg.detach_between_steps:
             y = y.detach()
         if not y.requires_grad:
             y = y.requires_grad_(True)
         make_graph = cfg.create_graph == "all" or k == k_steps - 1
         step_context = context if reuse else model.prepare(context_ids, k)
-        p = candidate_probs(y)
+        p = vocab_ops.probs(y)
         wrt = p if cfg.grad_wrt == "probs" else y
         energy = model.energy_from_probs(step_context, p, k)
         (g,) = torch.autograd.grad(energy.sum(), wrt, create_graph=make_graph)
@@ -266,13 +277,13 @@ def unroll(
             y = y.detach()
         nonfinite = nonfinite | ~torch.isfinite(g).all()
         step_energies.append(energy.detach().mean())
-        loss_k = cross_entropy(y, targets)
+        loss_k = vocab_ops.cross_entropy(y, targets)
         step_losses.append(loss_k.detach())
         if weights[k] == 0.0:
             continue
         contribution = loss_k * weights[k]
         if per_step:
-            (contribution * loss_scale).backward()
+            backward_fn([contribution * loss_scale], None, k == last_backward)
             total = contribution.detach() if total is None else total + contribution.detach()
         else:
             total = contribution if total is None else total + contribution
@@ -281,9 +292,9 @@ def unroll(
     if context_graph is not None:
         pairs = [(t, leaf.grad) for t, leaf in zip(context_graph.tensors, context.tensors) if leaf.grad is not None]
         if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+            backward_fn([t for t, _ in pairs], [g for _, g in pairs], True)
     elif backward and not per_step:
-        (total * loss_scale).backward()
+        backward_fn([total * loss_scale], None, True)
         total = total.detach()
 
     final = y.detach()
@@ -340,7 +351,8 @@ def think(
     tgt = targets.repeat(num_samples, 1) if targets is not None else None
     dtype = model.energy_head.weight.dtype
     cfg = ThinkingConfig(init=init, init_std=init_std)
-    y = initial_candidates(g_batch, seq, model.vocab_size, cfg, generator, context_ids.device, dtype)
+    vocab_ops = model.vocab_ops
+    y = vocab_ops.shard(initial_candidates(g_batch, seq, model.vocab_size, cfg, generator, context_ids.device, dtype))
     with torch.no_grad():
         alpha = model.effective_step_size().detach() if step_size is None else torch.tensor(step_size, dtype=dtype)
     reuse = not model.context_depends_on_step
@@ -357,7 +369,7 @@ def think(
                 context = model.prepare(ids, step)
         with torch.enable_grad():
             y_leaf = y_now.detach().requires_grad_(need_grad)
-            p = candidate_probs(y_leaf)
+            p = vocab_ops.probs(y_leaf)
             wrt = p if grad_wrt == "probs" else y_leaf
             energy = model.energy_from_probs(context, p, step)
             if not need_grad:
@@ -367,7 +379,7 @@ def think(
 
     def record_ce(y_now):
         if tgt is not None:
-            ces.append(cross_entropy(y_now.detach(), tgt).item())
+            ces.append(vocab_ops.cross_entropy(y_now.detach(), tgt).item())
 
     record_ce(y)
     prev_energy = None
@@ -379,7 +391,8 @@ def think(
         energies.append(energy)
         prev_energy = energy
         if noise_std > 0:
-            base = base + _randn(base.shape, generator, base.device, dtype) * noise_std
+            noise = _randn((*base.shape[:-1], model.vocab_size), generator, base.device, dtype)
+            base = base + vocab_ops.shard(noise) * noise_std
         y_next = base - alpha * g
         y = torch.where(active.unsqueeze(-1), y_next, y)
         used = used + active.long()

@@ -24,6 +24,7 @@ import torch.nn as nn
 from .attention import prediction_visibility
 from .config import ModelConfig
 from .layers import Block, RMSNorm, rope_tables
+from .vocab import LOCAL_VOCAB
 
 
 @dataclass
@@ -77,6 +78,7 @@ class EnergyTransformer(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len + 2, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.vocab_ops = LOCAL_VOCAB
         _init_weights(self, cfg.init_std)
 
     # -- properties the thinking loop relies on ----------------------------------------
@@ -178,13 +180,11 @@ class EnergyTransformer(nn.Module):
                 f"candidate_logits must be (B, S, V)={(*context_ids.shape, self.vocab_size)}, "
                 f"got {tuple(candidate_logits.shape)}"
             )
-        return self.energy_from_probs(self.prepare(context_ids, step), candidate_probs(candidate_logits), step)
+        probs = self.vocab_ops.probs(candidate_logits)
+        return self.energy_from_probs(self.prepare(context_ids, step), probs, step)
 
     def forward(self, context_ids: torch.Tensor, candidate_logits: torch.Tensor, step: int = 0) -> torch.Tensor:
         return self.energy(context_ids, candidate_logits, step)
 
 
-def candidate_probs(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over V in at least float32, returned in the logits' dtype."""
-    work = torch.promote_types(logits.dtype, torch.float32)
-    return torch.softmax(logits.to(work), dim=-1).to(logits.dtype)
+candidate_probs = LOCAL_VOCAB.probs
