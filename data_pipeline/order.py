@@ -21,7 +21,7 @@ number of ranks, since ranks only split each global batch's rows (see `rank_slic
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,11 +42,14 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 def hash_key(*parts: int) -> int:
-    """A 64-bit key from a tuple of non-negative integers."""
-    h = np.array([0], dtype=np.uint64)
+    """A 64-bit key from a tuple of non-negative integers (splitmix64 chained, in Python ints)."""
+    h = 0
     for part in parts:
-        h = mix64(h ^ np.array([part & MASK64], dtype=np.uint64))
-    return int(h[0])
+        z = ((h ^ (part & MASK64)) + int(_GOLDEN)) & MASK64
+        z = ((z ^ (z >> 30)) * int(_M1)) & MASK64
+        z = ((z ^ (z >> 27)) * int(_M2)) & MASK64
+        h = z ^ (z >> 31)
+    return h
 
 
 @lru_cache(maxsize=256)
@@ -87,6 +90,18 @@ def _deal(offsets: np.ndarray, counts: Sequence[int], lo: int, hi: int) -> Tuple
     return src, idx
 
 
+def _groups(values: np.ndarray) -> Iterator[Tuple[int, np.ndarray]]:
+    """(value, indices where it occurs) for each distinct value, in increasing order of value."""
+    if values.size and values[0] == values[-1] and (values == values[0]).all():
+        yield int(values[0]), np.arange(values.size)
+        return
+    by_value = np.argsort(values, kind="stable")
+    sorted_values = values[by_value]
+    bounds = [0, *(np.flatnonzero(np.diff(sorted_values)) + 1).tolist(), values.size]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield int(sorted_values[lo]), by_value[lo:hi]
+
+
 class GlobalOrder:
     """Maps stream positions to (shard, sample within shard) for one split of a manifest."""
 
@@ -117,15 +132,14 @@ class GlobalOrder:
             src, j = np.zeros_like(offsets), offsets
         else:
             src, j = _deal(offsets, self.counts, 0, len(self.counts))
-        for s in np.unique(src):
-            pick = src == s
+        for s in range(len(self.counts)):
+            pick = np.flatnonzero(src == s)
+            if not pick.size:
+                continue
             q = epochs[pick] * self.counts[s] + j[pick]
             source_epochs, r = np.divmod(q, self.source_sizes[s])
-            sh, sa = np.empty_like(q), np.empty_like(q)
-            for se in np.unique(source_epochs):
-                here = source_epochs == se
-                sh[here], sa[here] = self._within_source(int(s), int(se), r[here])
-            shard[pick], sample[pick] = sh, sa
+            for se, here in _groups(source_epochs):
+                shard[pick[here]], sample[pick[here]] = self._within_source(s, se, r[here])
         return shard, sample
 
     def _within_source(self, slot: int, source_epoch: int, r: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -137,9 +151,8 @@ class GlobalOrder:
         shard = visit[k]
         local = r - (ends[k] - self.shard_samples[shard])
         sample = np.empty_like(local)
-        for sh in np.unique(shard):
-            here = shard == sh
-            perm = permutation(int(self.shard_samples[sh]), self.seed, _SAMPLE_ORDER, source, source_epoch, int(sh))
+        for sh, here in _groups(shard):
+            perm = permutation(int(self.shard_samples[sh]), self.seed, _SAMPLE_ORDER, source, source_epoch, sh)
             sample[here] = perm[local[here]]
         return shard, sample
 
