@@ -81,8 +81,9 @@ def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .trainer import NonFiniteError
+    from data_pipeline import ShardError
 
-    return (ConfigError, CheckpointError, NonFiniteError, ValueError, OSError)
+    return (ConfigError, CheckpointError, NonFiniteError, ShardError, ValueError, OSError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
