@@ -147,6 +147,21 @@ class Block(nn.Module):
         h = self._attn_residual(h, CONTEXT_KERNELS[kernel](q, k, v), mods)
         return self._ffn_residual(h, mods), k, v
 
+    def forward_context_incremental(self, h, cos, sin, past_k, past_v, cond=None, need_output: bool = True):
+        """Context stream for new tokens h (B,n,D) given cached keys/values (B,H,T,d) of the
+        tokens before them (inference KV cache). Returns (h_out or None, k_all, v_all)."""
+        mods = self._mods(cond)
+        x = self._attn_in(h, mods)
+        if not need_output:
+            k, v = self.attn.kv(x, cos, sin)
+            return None, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        q, k, v = self.attn.qkv(x, cos, sin)
+        k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        n, past = h.shape[1], past_k.shape[2]
+        allowed = torch.arange(past + n, device=h.device)[None, :] <= torch.arange(n, device=h.device)[:, None] + past
+        h = self._attn_residual(h, masked_attention(q, k_all, v_all, allowed), mods)
+        return self._ffn_residual(h, mods), k_all, v_all
+
     def forward_prediction(self, h, cos, sin, k_ctx, v_ctx, num_prefix: int, kernel: str, cond=None):
         """Prediction stream: each prediction attends to its visible context and itself."""
         mods = self._mods(cond)

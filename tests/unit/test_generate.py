@@ -1,0 +1,74 @@
+"""KV-cached inference equals recomputation: energies of the next position, and the tokens of
+greedy generation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ebt_testlib import VARIANTS
+from pretrain.generate import EBTInference, sample
+from pretrain.model import build_model
+
+
+def _model(variant, dtype=torch.float64, max_seq_len=96, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(
+        dict(vocab_size=31, dim=32, num_heads=4, num_layers=2, max_seq_len=max_seq_len, ebt_type=variant,
+             step_size=5.0, num_step_embeddings=2)
+    ).to(dtype)
+    with torch.no_grad():  # move adaLN off its zero init so the conditioning is exercised
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_next_position_energy_equals_full_model(variant):
+    model = _model(variant)
+    engine = EBTInference(model)
+    ids = torch.randint(0, 31, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = engine.prefill(ids[:, :5])
+    for t in range(5, 9):
+        cache = engine.extend(cache, ids[:, t : t + 1])
+    probs = torch.softmax(torch.randn(2, 1, 31, dtype=torch.float64), -1)
+    for step in range(3):
+        cached = engine._energy_next(engine._kv_for(cache, step, True), probs, step)
+        # the full model: p_S (which predicts x_{S+1}) is the last prediction of the context
+        full_probs = torch.cat([torch.full((2, 8, 31), 1 / 31, dtype=torch.float64), probs], dim=1)
+        with torch.no_grad():
+            full = model.energy_from_probs(model.prepare(ids, step), full_probs, step)[:, -1]
+        assert (cached - full).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_generation_gives_exactly_the_uncached_tokens(variant):
+    model = _model(variant, dtype=torch.float32)
+    engine = EBTInference(model)
+    prompt = torch.randint(0, 31, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    kwargs = dict(steps=3, seed=7)
+    cached = engine.generate(prompt, 64, use_cache=True, **kwargs)
+    uncached = engine.generate(prompt, 64, use_cache=False, **kwargs)
+    assert len(cached) == 64 and cached == uncached
+
+
+def test_generation_past_the_context_window_and_best_of_g():
+    model = _model("time_embed", dtype=torch.float32, max_seq_len=16)
+    engine = EBTInference(model)
+    out = engine.generate([1, 2, 3], 30, steps=2, num_samples=3, seed=1)
+    assert len(out) == 30 and all(0 <= t < 31 for t in out)
+
+
+def test_early_stop_and_sampling_controls():
+    model = _model("default", dtype=torch.float32)
+    engine = EBTInference(model)
+    cache = engine.prefill(torch.tensor([[1, 2, 3, 4]]))
+    res = engine.next_token(cache, steps=8, early_stop_tol=1e9, generator=torch.Generator().manual_seed(0))
+    assert res.steps_used.item() == 1 and res.energies.shape == (9, 1)
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, 0.0, 0, 1.0, g) == 1
+    draws = {sample(logits, 1.0, 2, 1.0, g) for _ in range(50)}
+    assert draws == {1, 2}
+    assert {sample(logits, 1.0, 0, 0.3, g) for _ in range(20)} == {1}
+    with pytest.raises(ValueError, match="top_p"):
+        sample(logits, 1.0, 0, 0.0, g)
