@@ -74,16 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import add_data_subcommand
 
     add_data_subcommand(sub)
+    from .inference_cli import add_inference_subcommands
+
+    add_inference_subcommands(sub)
     return parser
 
 
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .export import ExportError
     from .trainer import NonFiniteError
     from data_pipeline import ShardError
 
-    return (ConfigError, CheckpointError, NonFiniteError, ShardError, ValueError, OSError)
+    return (ConfigError, CheckpointError, ExportError, NonFiniteError, ShardError, ValueError, OSError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,121 @@
+"""Serving export: consolidate a real checkpoint, reload it with checksum and probe checks,
+refuse tampering; `ebt serve` answers real HTTP requests and rejects bad ones with a 4xx."""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.checkpoint import latest_checkpoint
+from pretrain.cli import main as ebt_main
+from pretrain.config import load_config
+from pretrain.export import ExportError, export_checkpoint, load_export
+from pretrain.generate import EBTInference
+from pretrain.serve import serve
+from pretrain.trainer import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    cfg = load_config(["test_tiny"], [f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}",
+                                      "train.max_steps=2", "model.max_seq_len=48"])
+    train(cfg)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory) -> Path:
+    return export_checkpoint(run_dir, tmp_path_factory.mktemp("exports") / "tiny", log=lambda *_: None)
+
+
+def test_export_holds_the_checkpoint_weights_and_reloads_verified(run_dir, export_dir):
+    assert sorted(p.name for p in export_dir.iterdir()) == [
+        "config.json", "export.json", "model.safetensors", "thinking.json", "tokenizer.json"]
+    ckpt = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+    exported = load_file(str(export_dir / "model.safetensors"))
+    assert ckpt.keys() == exported.keys()
+    assert all(torch.equal(ckpt[k].float(), exported[k]) for k in ckpt)
+    loaded = load_export(export_dir)
+    assert loaded.thinking.step_size == pytest.approx(float(ckpt["step_size"]))
+    tok = loaded.tokenizer()
+    assert tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    text = EBTInference(loaded.model).generate(tok.encode("The"), 5, steps=2)
+    assert len(text) == 5
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "config.json", "thinking.json", "tokenizer.json"])
+def test_a_tampered_export_is_refused(export_dir, tmp_path, victim):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    data = bytearray((copy / victim).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / victim).write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=rf"{victim}: sha256 does not match export.json"):
+        load_export(copy)
+
+
+def test_export_refuses_a_non_empty_destination_and_a_missing_source(run_dir, export_dir, tmp_path):
+    with pytest.raises(ExportError, match="already exists and is not empty"):
+        export_checkpoint(run_dir, export_dir)
+    with pytest.raises(ExportError, match="no such run folder"):
+        export_checkpoint(tmp_path / "nope", tmp_path / "out")
+
+
+def test_export_command_line(run_dir, tmp_path, capsys):
+    assert ebt_main(["export", str(run_dir), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "export.json").is_file()
+    assert ebt_main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such run folder" in err[0]
+
+
+def _request(port, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def test_serve_answers_real_http_requests_and_rejects_bad_ones(export_dir):
+    httpd = serve(load_export(export_dir), "127.0.0.1", 0)
+    port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, health = _request(port, "GET", "/health")
+        assert status == 200 and health["status"] == "ok" and health["model"]["arch"] == "ebt"
+        status, out = _request(port, "POST", "/v1/generate", {"prompt": "The meaning", "max_tokens": 4, "steps": 2})
+        assert status == 200 and len(out["tokens"]) == 4 and isinstance(out["text"], str)
+        bad = [
+            ({"max_tokens": 4}, "missing field 'prompt'"),
+            ({"prompt": "x", "steps": 100000}, "'steps'=100000 is outside"),
+            ({"prompt": "x", "steps": "two"}, "'steps' must be int"),
+            ({"prompt": 3}, "'prompt' must be str"),
+            ({"prompt": "x", "max_tokens": -1}, "'max_tokens'=-1 is outside"),
+            ({"prompt": "x", "temperature": -1.0}, "temperature"),
+            ({"prompt": "x", "colour": "red"}, "unknown field 'colour'"),
+            ([1, 2], "JSON object"),
+        ]
+        for body, message in bad:
+            status, out = _request(port, "POST", "/v1/generate", body)
+            assert 400 <= status < 500 and message in out["error"], (body, status, out)
+        status, out = _request(port, "POST", "/v1/generate", raw=b"{not json")
+        assert status == 400 and "invalid JSON" in out["error"]
+        status, _ = _request(port, "GET", "/nope")
+        assert status == 404
+        status, _ = _request(port, "GET", "/health")  # still alive after all of that
+        assert status == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
