@@ -196,7 +196,7 @@ def build_shards(
         raise FileExistsError(f"--out: {out_dir} already holds a dataset ({MANIFEST_FILE}); choose another directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = tokenizer.dtype
-    texts = [[text for text in source.read_all()] for source in sources]
+    texts = [list(source.read_all()) for source in sources]
     groups = [(i, g) for i, source_texts in enumerate(texts) for g in _task_groups(source_texts)]
 
     with executor(workers, ray_address) as ex:

@@ -34,16 +34,10 @@ def _cli_error(exc: Exception) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    defaults = DataConfig()
+    given = {key: getattr(args, key) for key in ("tokenizer", "seq_len", "val_fraction", "shard_size_mb")}
     try:
-        cfg = DataConfig(
-            sources=list(args.sources),
-            tokenizer=args.tokenizer or defaults.tokenizer,
-            seq_len=args.seq_len or defaults.seq_len,
-            val_fraction=defaults.val_fraction if args.val_fraction is None else args.val_fraction,
-            shard_size_mb=args.shard_size_mb or defaults.shard_size_mb,
-            cache_dir=args.cache_dir,
-        )
+        cfg = DataConfig(sources=list(args.sources), cache_dir=args.cache_dir,
+                         **{key: value for key, value in given.items() if value is not None})
         if args.workers < 0:
             raise ValueError(f"--workers: must be >= 0, got {args.workers}")
         start = time.monotonic()

@@ -186,7 +186,8 @@ def test_cli_build_verify_and_one_line_errors(folder, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-20000])
     assert main(["verify", str(out)]) == 1
     assert f"damaged shard {shard}: truncated tar" in capsys.readouterr().out
-    for bad, flag in ((["--seq-len", "-3"], "--seq-len"), (["--tokenizer", "bpe:7"], "--tokenizer"),
+    for bad, flag in ((["--seq-len", "-3"], "--seq-len"), (["--seq-len", "0"], "--seq-len"),
+                      (["--tokenizer", "bpe:7"], "--tokenizer"), (["--shard-size-mb", "0"], "--shard-size-mb"),
                       (["--workers", "-1"], "--workers")):
         assert main(["build", str(folder), "--out", str(tmp_path / "x"), "--quiet", *bad]) == 2
         err = capsys.readouterr().err.strip()
