@@ -1,0 +1,155 @@
+"""`parallelize(model, dims, settings, build_optimizer)`: the one ordered function that turns a
+plain model into its parallel form, and the handle the training step drives.
+
+Order, on one screen:
+  1. tensor parallelism  (parallel.tensor: slice weights, vocab-parallel candidate ops)
+  2. activation checkpointing  (parallel.checkpointing: non-reentrant, block or step)
+  3. (compile: not applied; see docs/parallel.md)
+  4. data parallelism: the optimizer is built on the final parameters, then either the
+     flat-bucket gradient all-reduce (zero_stage 0) or a DeepSpeed ZeRO-1/2 engine.
+
+Gradient communication is once per optimizer step however many backwards the thinking
+unroll makes (one per step plus the context stream's) and however many micro-batches the
+step accumulates. `ParallelModel.backward_fn(sync)` is the unroll's `backward_fn`; `sync`
+is True only for the optimizer step's last micro-batch, and inside it only the unroll's last
+backward (`is_last`) communicates:
+  * zero_stage 0: every backward accumulates into `.grad`; the last one is followed by the
+    dp all-reduce (one call per 128 MiB bucket);
+  * ZeRO-1: same local accumulation; the last backward goes through `engine.backward`,
+    whose boundary reduce sends every gradient once;
+  * ZeRO-2: DeepSpeed reduces inside per-parameter gradient hooks at every backward; to
+    keep one reduction per step, the other backwards run `autograd.grad` and add into
+    `.grad` by hand (no hook fires), and the last backward reaches every parameter once
+    (a zero term per parameter), so each hook fires exactly once with the whole gradient.
+    Cost: full local gradients live between syncs, as in ZeRO-1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .checkpointing import apply_activation_checkpointing
+from .dims import ParallelDims
+from .grads import DataParallelGrads, accumulate_grads, broadcast_parameters, clip_grad_norm_
+from .tensor import tensor_parallelize
+from .zero import build_zero_engine, check_zero_stage
+
+BackwardFn = Callable[[Sequence[torch.Tensor], Optional[Sequence[torch.Tensor]], bool], None]
+
+
+@dataclass
+class ParallelSettings:
+    """The `parallel:` knobs this package reads (any object with these attributes works)."""
+
+    tp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    activation_checkpointing: str = "none"
+
+
+def _as_scalar(tensors: Sequence[torch.Tensor], grads: Optional[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """A scalar whose backward is exactly `autograd.backward(tensors, grads)` (for APIs that
+    take only a scalar loss): sum_i <t_i, g_i> with g_i constant."""
+    if grads is None:
+        return sum(t.sum() for t in tensors)
+    return sum((t * g.detach()).sum() for t, g in zip(tensors, grads))
+
+
+class ParallelModel:
+    """The parallel model and how to run its backward, synchronise and step."""
+
+    def __init__(self, module: nn.Module, dims: ParallelDims, optimizer, engine, zero_stage: int) -> None:
+        self.module = module
+        """The model to hand to `unroll` / call: tp-sharded, checkpointed, never wrapped."""
+        self.dims = dims
+        self.engine = engine
+        self.zero_stage = zero_stage
+        self.optimizer = engine.optimizer if engine is not None else optimizer
+        """Set learning rates on `optimizer.param_groups` (the client AdamW's groups under ZeRO)."""
+        self.grads = DataParallelGrads(module, dims) if engine is None else None
+        self.params: List[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        self.num_syncs = 0
+        """Gradient synchronisations so far (one per optimizer step is the contract)."""
+
+    @property
+    def num_all_reduces(self) -> int:
+        """Data-parallel gradient all-reduce calls so far (zero_stage 0)."""
+        return self.grads.num_all_reduces if self.grads is not None else 0
+
+    def backward_fn(self, sync: bool = True) -> BackwardFn:
+        """The unroll's backward_fn for one micro-batch; `sync` on its optimizer step's last."""
+
+        def run(tensors, grads, is_last: bool) -> None:
+            tensors = list(tensors)
+            final = is_last and sync
+            if self.engine is None:
+                torch.autograd.backward(tensors, None if grads is None else list(grads))
+                if final:
+                    self.grads.all_reduce()
+                    self.num_syncs += 1
+                return
+            if not final:
+                if self.zero_stage == 1:
+                    torch.autograd.backward(tensors, None if grads is None else list(grads))
+                else:
+                    got = torch.autograd.grad(tensors, self.params, grads, allow_unused=True)
+                    accumulate_grads(self.params, got)
+                return
+            loss = _as_scalar(tensors, grads)
+            if self.zero_stage == 2:
+                # Every parameter's hook must fire in this backward, with its whole gradient.
+                loss = loss + sum(p.sum() * 0.0 for p in self.params)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.num_syncs += 1
+
+        return run
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """One scalar-loss backward (a Transformer++ micro-batch, or an unroll without per-step backward)."""
+        self.backward_fn(sync)([loss], None, True)
+
+    def clip_and_step(self, max_norm: Optional[float]) -> torch.Tensor:
+        """Global-norm clipping (over the full, unsharded model) and the optimizer step;
+        clears the gradients. Returns the norm before clipping. Under ZeRO the clip value
+        given to `parallelize` is used (DeepSpeed clips inside its step)."""
+        if self.engine is None:
+            norm = clip_grad_norm_(self.module, max_norm, self.dims)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def zero_grad(self) -> None:
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.engine.zero_grad()
+
+
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    settings: Any,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    clip: Optional[float] = None,
+) -> ParallelModel:
+    """TP -> activation checkpointing -> DP/ZeRO, in place on `model` (which every rank must
+    have built identically: same seed or same checkpoint). `build_optimizer` receives the
+    final (sharded) module; `clip` is the gradient-clipping norm ZeRO applies."""
+    stage = int(getattr(settings, "zero_stage", 0))
+    check_zero_stage(stage)
+    if (settings.tp, settings.dp) != (dims.tp, dims.dp):
+        raise ValueError(f"parallel settings tp={settings.tp}, dp={settings.dp} differ from the process groups ({dims.describe()})")
+    tensor_parallelize(model, dims)
+    apply_activation_checkpointing(model, getattr(settings, "activation_checkpointing", "none"))
+    optimizer = build_optimizer(model)
+    if stage == 0:
+        broadcast_parameters(model, dims)
+        return ParallelModel(model, dims, optimizer, None, 0)
+    engine = build_zero_engine(model, optimizer, dims, stage, clip)
+    return ParallelModel(model, dims, optimizer, engine, stage)
