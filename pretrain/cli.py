@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference_cli import add_inference_subcommands
 
     add_inference_subcommands(sub)
+    from launchers.cli import add_launch_subcommand
+
+    add_launch_subcommand(sub)
     return parser
 
 
@@ -91,6 +94,9 @@ def _user_errors() -> tuple:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from launchers.preemption import EXIT_PREEMPTED, Preempted, install_from_env
+
+    install_from_env()  # before torch is imported: a requeued job can be signalled at once
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -98,6 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ebt: interrupted", file=sys.stderr)
         return 130
+    except Preempted as err:
+        print(f"ebt {args.command}: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except _user_errors() as err:
         if os.environ.get("EBT_TRACEBACK"):
             raise

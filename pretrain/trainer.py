@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from data_pipeline import make_loader, prepare_dataset
+from launchers.preemption import Preempted, stop_requested
 
 from . import flops as flops_mod
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -498,6 +499,10 @@ class Trainer:
                     path = self.save()
                     self.log(f"checkpoint {path}")
                     window_start += time.time() - pause
+                if stop_requested(self.device):  # a scheduler's warning signal (launchers.preemption)
+                    path = self.save(reason="preempted")
+                    self.log(f"preempted: checkpoint {path}; exiting to be requeued")
+                    raise Preempted(self.step, path)
         finally:
             metrics.close()
             evals.close()
