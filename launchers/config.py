@@ -185,6 +185,7 @@ class LaunchConfig:
 
 # -- loading -------------------------------------------------------------------------------
 LAUNCH_KEYS = tuple(f.name for f in fields(LaunchConfig))
+RUN_KEYS = tuple(f.name for f in fields(RunConfig) if f.name not in LAUNCH_KEYS)
 
 
 def resolve_launch_path(name: str) -> Path:
@@ -228,7 +229,12 @@ def split_overrides(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
         if "=" not in item:
             raise LaunchError(f"override {item!r} is not of the form key=value")
         key = item.split("=", 1)[0].strip()
-        (launch if key.split(".")[0] in LAUNCH_KEYS else run).append(item)
+        head = key.split(".")[0]
+        if head not in LAUNCH_KEYS and head not in RUN_KEYS:
+            hint = difflib.get_close_matches(head, [*LAUNCH_KEYS, *RUN_KEYS], n=1, cutoff=0.5)
+            tail = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise LaunchError(f"override {item!r}: {head!r} is neither a launch key nor a run-config section{tail}")
+        (launch if head in LAUNCH_KEYS else run).append(item)
     return launch, run
 
 
