@@ -15,16 +15,15 @@ is True only for the optimizer step's last micro-batch, and inside it only the u
 backward (`is_last`) communicates:
   * zero_stage 0: every backward accumulates into `.grad`; the last one is followed by the
     dp all-reduce (one call per 128 MiB bucket);
-  * ZeRO-1: same local accumulation; the last backward goes through `engine.backward`,
-    whose boundary reduce sends every gradient once;
-  * ZeRO-2: DeepSpeed reduces inside per-parameter gradient hooks at every backward; to
-    keep one reduction per step, the other backwards run `autograd.grad` and add into
-    `.grad` by hand (no hook fires), and the last backward reaches every parameter once
-    (a zero term per parameter), so each hook fires exactly once with the whole gradient.
-    Cost: full local gradients live between syncs, as in ZeRO-1.
+  * ZeRO-1/2: DeepSpeed reduces inside per-parameter gradient hooks (ZeRO-2 at every
+    backward). All backwards of the optimizer step run through `engine.backward` inside
+    one `engine.coalesce_grad_reduction()` block, opened at the step's first backward and
+    closed after its last: the hooks leave gradients local, and closing the block reduces
+    every gradient once. Cost under ZeRO-2: full local gradients live until then.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -33,7 +32,7 @@ import torch.nn as nn
 
 from .checkpointing import apply_activation_checkpointing
 from .dims import ParallelDims
-from .grads import DataParallelGrads, accumulate_grads, broadcast_parameters, clip_grad_norm_
+from .grads import DataParallelGrads, broadcast_parameters, clip_grad_norm_
 from .tensor import tensor_parallelize
 from .zero import build_zero_engine, check_zero_stage
 
@@ -73,6 +72,7 @@ class ParallelModel:
         self.params: List[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         self.num_syncs = 0
         """Gradient synchronisations so far (one per optimizer step is the contract)."""
+        self._coalescing: Optional[contextlib.ExitStack] = None
 
     @property
     def num_all_reduces(self) -> int:
@@ -91,19 +91,16 @@ class ParallelModel:
                     self.grads.all_reduce()
                     self.num_syncs += 1
                 return
-            if not final:
-                if self.zero_stage == 1:
-                    torch.autograd.backward(tensors, None if grads is None else list(grads))
-                else:
-                    got = torch.autograd.grad(tensors, self.params, grads, allow_unused=True)
-                    accumulate_grads(self.params, got)
-                return
-            loss = _as_scalar(tensors, grads)
-            if self.zero_stage == 2:
-                # Every parameter's hook must fire in this backward, with its whole gradient.
-                loss = loss + sum(p.sum() * 0.0 for p in self.params)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.num_syncs += 1
+            # ZeRO: DeepSpeed's coalescing block spans the optimizer step's backwards; its
+            # hooks leave gradients local inside it, and closing it reduces once.
+            if self._coalescing is None:
+                self._coalescing = contextlib.ExitStack()
+                self._coalescing.enter_context(self.engine.coalesce_grad_reduction())
+            self.engine.backward(_as_scalar(tensors, grads), scale_wrt_gas=False)
+            if final:
+                self._coalescing.close()
+                self._coalescing = None
+                self.num_syncs += 1
 
         return run
 

@@ -13,7 +13,7 @@ per bucket per optimizer step, whatever the number of thinking steps and micro-b
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,7 +99,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: Optional[float], dims: ParallelD
 
     Sharded gradients' squares are summed over tp; replicated ones (norms, alpha, energy
     head) are identical on every tp rank and counted once. Call after the dp all-reduce.
-    Returns the norm before clipping (float32 scalar)."""
+    Returns the norm before clipping, in the gradients' dtype."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     is_tp = getattr(model, "tp_dims", None) is not None
     sharded, replicated = grad_norm_sq_parts(named if is_tp else [("", p) for _, p in named])
@@ -111,15 +111,4 @@ def clip_grad_norm_(model: nn.Module, max_norm: Optional[float], dims: ParallelD
         if coef < 1.0:
             for _, p in named:
                 p.grad.detach().mul_(coef)
-    return norm.float()
-
-
-def accumulate_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Optional[torch.Tensor]]) -> None:
-    """Adds `grads` into `.grad` by hand (no AccumulateGrad node runs, so no hook fires)."""
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        if p.grad is None:
-            p.grad = g.detach().clone()
-        else:
-            p.grad.add_(g.detach())
+    return norm.to(named[0][1].grad.dtype if named else torch.float32)

@@ -131,6 +131,16 @@ def tp_shard_dim(name: str) -> Optional[int]:
     return None
 
 
+def full_width(name: str, cfg) -> int:
+    """The unsharded size of the tp-split dim of parameter `name` (a local slice alone cannot
+    tell an uneven split apart)."""
+    if re.search(r"(tok_embeddings|cand_embed|lm_head)\.weight$", name):
+        return cfg.vocab_size
+    if ".ffn." in name:
+        return cfg.ffn_hidden
+    return cfg.dim
+
+
 # -- layers -----------------------------------------------------------------------------------
 class TPAttention(nn.Module):
     """Heads split over tp: wq/wk/wv column-parallel (their output rows), wo row-parallel

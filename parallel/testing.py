@@ -6,13 +6,16 @@ Used by tests/distributed/test_parallel_*.py and benchmarks; on CPU only 127.0.0
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import socket
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,6 +59,36 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> None:
     mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, start_method="fork")
 
 
+_COLLECTIVES = (
+    "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+    "all_gather", "all_gather_into_tensor", "broadcast",
+)
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[Counter]:
+    """Counts torch.distributed collective calls (ours and DeepSpeed's, which call through
+    the same module attributes) made inside the block, by name."""
+    counts: Counter = Counter()
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def counting(name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return run
+
+    for name, fn in originals.items():
+        setattr(dist, name, counting(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
 # -- the parity harness ------------------------------------------------------------------------------
 TINY_MODEL = dict(vocab_size=13, dim=16, num_heads=2, num_layers=2, max_seq_len=8, context_attention="math")
 """V=13 splits unevenly over tp=2 (7 + 6), which the vocabulary shards must handle."""
@@ -87,6 +120,8 @@ class ParityReport:
     failures: List[str] = field(default_factory=list)
     num_syncs: int = 0
     num_all_reduces: int = 0
+    collectives_per_step: Dict[str, int] = field(default_factory=dict)
+    """Collective calls of the last optimizer step (unroll, backwards, sync, clip, update)."""
 
 
 def _local(name: str, full: torch.Tensor, dims: ParallelDims, sharded: bool) -> torch.Tensor:
@@ -114,6 +149,7 @@ def parity_check(
     out_file: Optional[str] = None,
     model_overrides: Optional[dict] = None,
     dtype: torch.dtype = torch.float32,
+    micro_batches: int = 1,
 ) -> ParityReport:
     """On every rank: the single-process model on the whole batch and the parallel model on
     this rank's share, `num_steps` optimizer steps of AdamW with clipping. Compares losses,
@@ -132,6 +168,9 @@ def parity_check(
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
 
     ref_opt = adamw(ref)
+    # Counting starts before DeepSpeed binds its collective functions, so it sees them all.
+    counting = count_collectives()
+    counts = counting.__enter__()
     pm = parallelize(model, dims, settings, adamw, clip=1.0)
     sharded = dims.tp > 1
     rows = slice(dims.dp_rank * BATCH // dims.dp, (dims.dp_rank + 1) * BATCH // dims.dp)
@@ -159,17 +198,27 @@ def parity_check(
         record("dE/dy", g_par, pm.module.vocab_ops.shard(g_ref[rows]))
 
         r_ref = unroll(ref, ids, thinking, generator=torch.Generator().manual_seed(step), initial_logits=noise)
-        r_par = unroll(
-            pm.module, ids[rows], thinking, generator=torch.Generator().manual_seed(step),
-            initial_logits=pm.module.vocab_ops.shard(noise[rows]), backward_fn=pm.backward_fn(sync=True),
-        )
-        loss = r_par.loss.detach().clone()
+        # This rank's rows, split into micro-batches; only the last one synchronises.
+        local_ids, local_noise = ids[rows], pm.module.vocab_ops.shard(noise[rows])
+        per_micro = local_ids.shape[0] // micro_batches
+        before = Counter(counts)
+        losses = []
+        for m in range(micro_batches):
+            part = slice(m * per_micro, (m + 1) * per_micro)
+            r_par = unroll(
+                pm.module, local_ids[part], thinking, generator=torch.Generator().manual_seed(step),
+                initial_logits=local_noise[part], loss_scale=1.0 / micro_batches,
+                backward_fn=pm.backward_fn(sync=m == micro_batches - 1),
+            )
+            losses.append(r_par.loss)
+        in_unroll = counts - before
+        loss = torch.stack(losses).mean()
         if dims.dp > 1:
             dist.all_reduce(loss, group=dims.dp_group)
             loss /= dims.dp
         record("loss", loss, r_ref.loss)
         for k, (a, b) in enumerate(zip(r_par.step_losses, r_ref.step_losses)):
-            if dims.dp == 1:
+            if dims.dp == 1 and micro_batches == 1:
                 record(f"step_loss[{k}]", a, b)
         ref_params = dict(ref.named_parameters())
         for name, p in pm.module.named_parameters():
@@ -181,11 +230,15 @@ def parity_check(
                 report.failures.append(f"grad of {name} is None (parallel {got is None}, single {want is None})")
                 continue
             record(f"grad/{name}", got, _local(name, want, dims, sharded))
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        before_step = Counter(counts)
+        norm = pm.clip_and_step(1.0)
+        report.collectives_per_step = dict(in_unroll + (counts - before_step))
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        record("grad_norm", norm, ref_norm)
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
-        pm.clip_and_step(1.0)
 
+    counting.__exit__(None, None, None)
     ref_params = dict(ref.named_parameters())
     for name, p in pm.module.named_parameters():
         record(f"weight/{name}", p, _local(name, ref_params[name], dims, sharded))
@@ -193,6 +246,43 @@ def parity_check(
     report.num_all_reduces = pm.num_all_reduces
     if out_file is not None and dist.get_rank() == 0:
         Path(out_file).write_text(json.dumps({"max_abs": report.max_abs, "max_rel": report.max_rel, "failures": report.failures,
-                                              "num_syncs": report.num_syncs, "num_all_reduces": report.num_all_reduces}))
+                                              "num_syncs": report.num_syncs, "num_all_reduces": report.num_all_reduces,
+                                              "collectives_per_step": report.collectives_per_step}))
     assert not report.failures, f"rank {dist.get_rank()} {settings}: " + "; ".join(report.failures)
     return report
+
+
+@dataclass
+class ParityCase:
+    settings: ParallelSettings
+    recipe: str
+    ebt_type: str = "default"
+    micro_batches: int = 1
+    dtype: torch.dtype = torch.float32
+    tol: float = 1e-5
+
+    def label(self) -> str:
+        s = self.settings
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"tp={s.tp} dp={s.dp} zero={s.zero_stage} ac={s.activation_checkpointing} {self.recipe} "
+                f"{self.ebt_type} micro={self.micro_batches} {dtype}")
+
+
+def parity_cases(cases: List[ParityCase], out_file: Optional[str] = None) -> None:
+    """Runs several parity checks in one set of ranks (process start-up dominates on CPU);
+    rank 0 writes {label: summary} to `out_file`."""
+    summary = {}
+    for case in cases:
+        report = parity_check(case.settings, case.recipe, case.ebt_type, tol=case.tol, dtype=case.dtype,
+                              micro_batches=case.micro_batches)
+        summary[case.label()] = {
+            "max_rel": max(report.max_rel.values()),
+            "max_abs_grad": max(v for k, v in report.max_abs.items() if k.startswith("grad/")),
+            "max_abs_dE_dy": report.max_abs["dE/dy"],
+            "max_abs_loss": report.max_abs["loss"],
+            "max_abs_weight": max(v for k, v in report.max_abs.items() if k.startswith("weight/")),
+            "syncs": report.num_syncs,
+            "collectives_per_step": report.collectives_per_step,
+        }
+    if out_file is not None and dist.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(summary, indent=1))

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 
 from .dims import LayoutError, ParallelDims
+from .grads import broadcast_parameters
+from .tensor import tp_shard_dim
 
 ZERO_STAGES = (0, 1, 2)
 
@@ -113,17 +115,26 @@ def build_zero_engine(
     # We communicate through torch.distributed; the shm op would only cost a JIT build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     for name, p in model.named_parameters():
-        from .tensor import tp_shard_dim
-
         # DeepSpeed's grad norm counts parameters marked model-parallel on every tp rank
         # and replicated ones once.
         p.tensor_model_parallel = dims.tp > 1 and tp_shard_dim(name) is not None
         p.model_parallel = p.tensor_model_parallel
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=deepspeed_config(stage, clip),
-        mpu=_DeepSpeedMPU(dims) if dims.tp > 1 else None,
-        dist_init_required=False,
-    )
+    # DeepSpeed broadcasts each parameter as `p.data.view(torch.uint8)`, which fails for a
+    # 0-dim parameter (the step size alpha). We broadcast everything ourselves first and hide
+    # the scalars from its broadcast with the attribute it skips (removed right after).
+    broadcast_parameters(model, dims)
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.ds_optim_param = True
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(stage, clip),
+            mpu=_DeepSpeedMPU(dims) if dims.tp > 1 else None,
+            dist_init_required=False,
+        )
+    finally:
+        for p in scalars:
+            del p.ds_optim_param
     return engine
