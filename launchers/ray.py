@@ -110,8 +110,10 @@ def _connected(plan: LaunchPlan) -> Iterator[None]:
     """Connects to `ray.address`, or starts a private single-node Ray for this launch."""
     import ray
 
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-        p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p), "RAY_AUTH_MODE": "disabled"}}
+    python_path = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # print patching would show every line of the ranks twice in the driver's output
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path, "RAY_AUTH_MODE": "disabled",
+                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local ray.init() would otherwise turn on token auth
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = plan.launch.ray.address
