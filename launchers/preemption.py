@@ -87,5 +87,9 @@ def stop_requested(device: Optional[Any] = None) -> bool:
 
 
 def reset() -> None:
-    """Forgets received signals (tests run several trainings in one process)."""
+    """Restores the default handlers and forgets received signals (tests run several
+    trainings in one process)."""
+    for signum in _installed:
+        signal.signal(signum, signal.SIG_DFL)
+    _installed.clear()
     _received.clear()
