@@ -60,7 +60,8 @@ def _rank_main(args: dict, settings: ParallelSettings, recipe_name: str, out_fil
     unroll(pm.module, ids, thinking, initial_logits=noise, backward_fn=pm.backward_fn(True))
     seconds = time.perf_counter() - start
     peak = _peak_mb() - base
-    row = torch.tensor([peak, seconds], dtype=torch.float64)
+    grads = sum(p.numel() * p.element_size() for p in pm.module.parameters() if p.requires_grad) / 2**20
+    row = torch.tensor([peak, seconds, peak - grads], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
     if dist.get_rank() == 0:
@@ -70,11 +71,13 @@ def _rank_main(args: dict, settings: ParallelSettings, recipe_name: str, out_fil
 CONFIGS = [
     ("s1", ParallelSettings()),
     ("s1", ParallelSettings(activation_checkpointing="block")),
+    ("s1", ParallelSettings(activation_checkpointing="block_vjp")),
     ("s1", ParallelSettings(tp=2, dp=1)),
-    ("s1", ParallelSettings(tp=2, dp=1, activation_checkpointing="block")),
+    ("s1", ParallelSettings(tp=2, dp=1, activation_checkpointing="block_vjp")),
     ("s2", ParallelSettings()),
     ("s2", ParallelSettings(activation_checkpointing="block")),
     ("s2", ParallelSettings(activation_checkpointing="step")),
+    ("s2", ParallelSettings(activation_checkpointing="block_vjp")),
 ]
 
 
@@ -86,20 +89,25 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--only", default=None, help="run only configurations whose checkpointing mode is in this comma list")
     args = vars(parser.parse_args())
     # M_MMAP_THRESHOLD = -3 (malloc.h): inherited by the forked ranks.
     ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
     print(f"EBT {args}; step memory = RSS high-water during one training step minus RSS before it\n")
-    print("| recipe | tp | checkpointing | step memory per rank (MB) | step time (s) |")
-    print("|---|---|---|---|---|")
+    print("| recipe | tp | checkpointing | step memory per rank (MB) | without gradients (MB) | step time (s) |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, settings in CONFIGS:
+            if args["only"] and settings.activation_checkpointing not in args["only"].split(","):
+                continue
             out = os.path.join(tmp, "row.json")
             run_distributed(_rank_main, settings.tp * settings.dp, args, settings, name, out)
             rows = json.loads(Path(out).read_text())
             mem = max(r[0] for r in rows)
             secs = max(r[1] for r in rows)
-            print(f"| {name} | {settings.tp} | {settings.activation_checkpointing} | {mem:.0f} | {secs:.1f} |", flush=True)
+            act = max(r[2] for r in rows)
+            print(f"| {name} | {settings.tp} | {settings.activation_checkpointing} | {mem:.0f} | {act:.0f} | {secs:.1f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

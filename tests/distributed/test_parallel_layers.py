@@ -57,7 +57,7 @@ def test_tp1_is_the_untouched_model():
     assert tensor_parallelize(model, build_dims()) is model and model.vocab_ops is LOCAL_VOCAB
 
 
-@pytest.mark.parametrize("mode", ["block", "step"])
+@pytest.mark.parametrize("mode", ["block", "step", "block_vjp"])
 @pytest.mark.parametrize("name", ["s1", "s2"])
 def test_activation_checkpointing_is_exact(mode, name):
     overrides, thinking = recipe(name, same_random_stream=True)

@@ -43,6 +43,8 @@ LAYOUTS = {
     "tp2_checkpointing": (2, [
         C(P(tp=2, activation_checkpointing="block"), "s1", "default"),
         C(P(tp=2, activation_checkpointing="step"), "s2", "time_embed"),
+        C(P(tp=2, activation_checkpointing="block_vjp"), "s1", "default"),
+        C(P(tp=2, activation_checkpointing="block_vjp"), "s2", "time_embed"),
     ]),
     "tp2_dp2": (4, [
         C(P(tp=2, dp=2), "s1", "default"),
