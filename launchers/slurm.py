@@ -103,7 +103,7 @@ def render_script(plan: LaunchPlan, workdir: Path) -> str:
         f"on_preempt() {{ preempted=1; echo \"ebt: $(date +%T) got {PREEMPT_SIGNALS}: forwarding to the ranks\";",
         f"  [ -n \"$step_pid\" ] && kill -{PREEMPT_SIGNALS} \"$step_pid\" 2>/dev/null; }}",
         f"trap on_preempt {PREEMPT_SIGNALS}",
-        "set -uo pipefail",
+        "set -o pipefail",  # not -u: `slurm.setup` lines (module load, venv activate) may read unset variables
         f"cd {shlex.quote(str(workdir))}",
         *env_lines,
         *[str(line) for line in sc.setup],
