@@ -202,6 +202,14 @@ class RunConfig:
                 "max_seq_len",
                 f"{self.model.max_seq_len} < data.seq_len={self.data.seq_len}; raise model.max_seq_len or lower data.seq_len",
             )
+        trained_steps = self.thinking.num_steps_max or self.thinking.num_steps
+        if self.model.arch == "ebt" and self.model.ebt_type != "default" and self.model.num_step_embeddings > trained_steps:
+            raise _bad(
+                "model",
+                "num_step_embeddings",
+                f"{self.model.num_step_embeddings} > the {trained_steps} trained thinking steps: the extra step "
+                f"embeddings would never be trained yet used by evaluation's longer thinking; set it to {trained_steps}",
+            )
         if self.model.arch == "ebt" and self.thinking.replay_size and self.thinking.replay_size < self.micro_batch_size:
             raise _bad(
                 "thinking",

@@ -226,7 +226,13 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drops records past `last_step` (written by a run that died after its last checkpoint)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
     path.write_text("".join(line + "\n" for line in keep))
 
 

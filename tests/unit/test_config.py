@@ -98,6 +98,7 @@ def test_wrong_type_names_key_and_value(override: str, expected: str):
         (["model.num_heads=3"], "model.num_heads"),
         (["thinking.create_graph=last"], "thinking.create_graph"),
         (["train.precision=fp16"], "train.precision"),
+        (["model.ebt_type=time_embed", "model.num_step_embeddings=3"], "model.num_step_embeddings: 3 > the 2 trained"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
         (["parallel.tp=2"], "parallel.tp: 2: values above 1 arrive with the distributed-training issue"),
         (["parallel.dp=4"], "parallel.dp"),
