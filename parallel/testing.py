@@ -193,7 +193,7 @@ def parity_check(
         # dE/dy at the initial candidate (first order, no parameter gradients kept).
         y_ref = noise.clone().requires_grad_(True)
         (g_ref,) = torch.autograd.grad(ref.energy(ids[:, :-1], y_ref).sum(), y_ref)
-        y_par = pm.module.vocab_ops.shard(noise[rows]).clone().requires_grad_(True) if hasattr(pm.module, "vocab_ops") else None
+        y_par = pm.module.vocab_ops.shard(noise[rows]).clone().requires_grad_(True)
         (g_par,) = torch.autograd.grad(pm.module.energy(ids[rows, :-1], y_par).sum(), y_par)
         record("dE/dy", g_par, pm.module.vocab_ops.shard(g_ref[rows]))
 

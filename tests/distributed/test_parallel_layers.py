@@ -108,3 +108,36 @@ def _transformer_pp_main() -> None:
 @pytest.mark.distributed
 def test_transformer_pp_tp2_matches_single_process():
     run_distributed(_transformer_pp_main, 2)
+
+
+def _megatron_style_main(out_file: str) -> None:
+    """f's backward as megatron-core writes it (an all-reduce that autograd does not record)."""
+    import parallel.tensor as tensor
+    from parallel.testing import parity_check
+
+    def untracked_backward(ctx, grad):
+        out = grad.detach().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+    tensor._CopyToTP.backward = staticmethod(untracked_backward)
+    try:
+        parity_check(ParallelSettings(tp=2), "s1", "default", num_steps=1)
+        verdict = "passed"
+    except AssertionError as err:
+        verdict = str(err)
+    if dist.get_rank() == 0:
+        with open(out_file, "w") as fh:
+            fh.write(verdict)
+
+
+@pytest.mark.distributed
+def test_harness_catches_a_collective_without_double_backward(tmp_path):
+    """Why parallel.tensor writes each backward with the partner's .apply: an f whose backward
+    all-reduces outside autograd (megatron-core's mapping) keeps the loss and dE/dy right but
+    gets the second-order parameter gradients wrong, and the parity check says so."""
+    out = tmp_path / "verdict.txt"
+    run_distributed(_megatron_style_main, 2, str(out))
+    verdict = out.read_text()
+    assert verdict != "passed" and "grad/" in verdict, verdict
+    print(verdict[:300])
