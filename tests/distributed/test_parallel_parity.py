@@ -48,6 +48,7 @@ LAYOUTS = {
     ]),
     "tp2_dp2": (4, [
         C(P(tp=2, dp=2), "s1", "default"),
+        C(P(tp=2, dp=2, zero_stage=1), "s1", "default"),
     ]),
 }
 
