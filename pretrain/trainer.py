@@ -362,9 +362,10 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> Dict[str, Any]:
         """Validation CE (and, for the EBT, CE and energy after each thinking step up to
-        `thinking.eval_steps`, and the System-2 gain over the trained number of steps)."""
+        `thinking.eval_steps`, and the System-2 gain: CE after thinking.num_steps minus CE after
+        thinking.eval_steps). `val_ce` is the CE after the most steps the model was trained with."""
         th, tc = self.cfg.thinking, self.cfg.train
-        trained = th.num_steps_max or th.num_steps
+        trained = th.num_steps_max or th.num_steps  # the most steps the model was trained to take
         steps = max(th.eval_steps, trained)
         loader = make_loader(self.prepared, "val", global_batch_size=tc.global_batch_size, rank=0, world_size=1,
                              seed=self.cfg.data.seed, num_workers=0, on_bad_shard=self.cfg.data.on_bad_shard)
@@ -403,7 +404,8 @@ class Trainer:
                 eval_steps=th.eval_steps,
                 val_ce_first_step=ce_steps[1],
                 val_ce_last_step=ce_steps[th.eval_steps],
-                system2_gain=ce_steps[trained] - ce_steps[th.eval_steps],
+                # System-2 gain: thinking for eval_steps instead of the recipe's thinking.num_steps
+                system2_gain=ce_steps[th.num_steps] - ce_steps[th.eval_steps],
             )
         else:
             record.update(val_ce=ce_steps[0])
