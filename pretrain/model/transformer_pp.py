@@ -8,6 +8,7 @@ import torch.nn as nn
 from .config import ModelConfig
 from .ebt import _init_weights
 from .layers import Block, RMSNorm, rope_tables
+from .vocab import LOCAL_VOCAB
 
 
 class TransformerPP(nn.Module):
@@ -25,6 +26,7 @@ class TransformerPP(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.vocab_ops = LOCAL_VOCAB  # tensor parallelism swaps in a vocab-parallel cross-entropy
         _init_weights(self, cfg.init_std)
 
     @property
