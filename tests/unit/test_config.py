@@ -13,8 +13,10 @@ def test_default_experiment_is_the_embedded_default():
     assert isinstance(cfg, RunConfig)
     assert cfg.model.arch == "ebt"
     assert cfg.data.sources == ["shakespeare"]
-    assert cfg.thinking.num_steps == 2 and cfg.thinking.loss_on == "mean"  # S1 recipe
-    assert cfg.model.step_size == 500.0 and cfg.optim.alpha_lr_multiplier == 1500.0
+    assert cfg.thinking.num_steps_max == 3 and cfg.thinking.loss_on == "last"  # S2 recipe
+    s1 = load_config(["s1"])
+    assert s1.thinking.num_steps == 2 and s1.thinking.num_steps_max is None and s1.thinking.loss_on == "mean"
+    assert s1.model.step_size == 500.0 and s1.model.learn_step_size and s1.optim.alpha_lr_multiplier == 1500.0
 
 
 def test_merge_order_defaults_then_files_then_overrides(tmp_path: Path):
@@ -108,7 +110,7 @@ def test_wrong_type_names_key_and_value(override: str, expected: str):
 )
 def test_cross_field_and_range_checks_say_what_to_change(overrides, expected):
     with pytest.raises(ConfigError) as err:
-        load_config(["default"], overrides)
+        load_config(["s1"], overrides)
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
