@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any, Iterable, List, Optional
 
 ENV_VAR = "EBT_PREEMPT_SIGNALS"
@@ -42,7 +43,11 @@ def _record(signum: int, _frame: Any) -> None:
 
 
 def install(names: Iterable[str]) -> List[int]:
-    """Installs the recording handler for each named signal (`USR1`, `SIGUSR1`, `TERM`, ...)."""
+    """Installs the recording handler for each named signal (`USR1`, `SIGUSR1`, `TERM`, ...).
+    Outside the main thread (e.g. a Ray Train worker) nothing is installed: Python delivers
+    signals to the main thread only, and `signal.signal` refuses other threads."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
     numbers = []
     for name in names:
         name = name.strip().upper()
