@@ -3,7 +3,6 @@ exit code 2; well-formed ones render the exact torchrun command / sbatch script 
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
