@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _records(path: Path) -> List[Dict[str, Any]]:
@@ -84,6 +85,7 @@ def _thinking(evals, path: Path, title: str) -> Path:
     for ax in axes:
         ax.axvline(trained, color="gray", ls=":", label=f"trained steps ({trained})")
         ax.set_xlabel("thinking step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set(ylabel="validation cross-entropy (nats)", title=f"{title}: CE after each thinking step")
     axes[1].set(ylabel="mean energy", title="energy after each thinking step (0 = initial)")
     axes[0].legend(fontsize=8)
