@@ -6,8 +6,14 @@ generated tokens: appending a token runs the blocks on that token only. With `de
 conditioning one cache serves every thinking step; with `time_embed`/`adaln` the context
 depends on the step, so there is one cache per distinct step embedding (each still grows by
 one token per generated token). Each thinking step then costs a prediction-stream pass for one
-position against the cached keys/values. `use_cache=False` recomputes the whole prefix for
-every step of every token, as the public reference does; both give the same tokens.
+position against the cached keys/values.
+
+Three modes, all giving the same tokens (tests check it):
+  * `kv` (default): the cache above;
+  * `recompute`: no cache; the context stream is re-run over the whole prefix for every step
+    of every token, and only the next position is predicted;
+  * `reference`: what the public reference does: the full energy model (context stream and a
+    prediction for every position) over the whole prefix for every step of every token.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 from .model.ebt import EnergyTransformer
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
+MODES = ("kv", "recompute", "reference")
 
 
 @dataclass
@@ -107,7 +114,7 @@ class EBTInference:
         out.kv = {key: self._run_context(new_ids, kv, key) for key, kv in cache.kv.items()}
         return out
 
-    def _kv_for(self, cache: ContextCache, step: int, use_cache: bool) -> KV:
+    def _kv_for(self, cache: ContextCache, step: int, use_cache: bool = True) -> KV:
         key = self._key(step)
         if not use_cache:
             with torch.no_grad():
@@ -135,6 +142,22 @@ class EBTInference:
             h = layer.forward_prediction(h, cos, sin, k, v, length - 1, "two_stream", cond)
         return model.energy_head(model.norm(h))[:, 0, 0]
 
+    def _energy_reference(self, ids: torch.Tensor, probs: torch.Tensor, step: int) -> torch.Tensor:
+        """The reference's way: the whole model over the prefix, a candidate at every position
+        (uniform before the last: positions are independent, so only the last one matters)."""
+        model = self.model
+        ids = ids.repeat(probs.shape[0] // ids.shape[0], 1)
+        before = probs.new_full((probs.shape[0], ids.shape[1] - 1, probs.shape[-1]), 1.0 / model.vocab_size)
+        full = torch.cat([before, probs], dim=1)
+        with torch.no_grad():
+            context = model.prepare(ids, step)
+        return model.energy_from_probs(context, full, step)[:, -1]
+
+    def _energy(self, cache: ContextCache, probs: torch.Tensor, step: int, mode: str) -> torch.Tensor:
+        if mode == "reference":
+            return self._energy_reference(cache.ids, probs, step)
+        return self._energy_next(self._kv_for(cache, step, mode == "kv"), probs, step)
+
     def next_token(
         self,
         cache: ContextCache,
@@ -145,8 +168,11 @@ class EBTInference:
         noise_std: Optional[float] = None,
         early_stop_tol: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
-        use_cache: bool = True,
+        mode: str = "kv",
+        score_final: bool = True,
     ) -> NextToken:
+        """Thinks out the next token. `score_final=False` skips the energy of the final candidate
+        (only needed to pick among G > 1 samples or to report it): `energies` then has `steps` rows."""
         d = self.defaults
         steps = d.steps if steps is None else steps
         num_samples = d.num_samples if num_samples is None else num_samples
@@ -155,6 +181,9 @@ class EBTInference:
         step_size = d.step_size if step_size is None else step_size
         if steps < 0 or num_samples < 1:
             raise ValueError(f"steps must be >= 0 and samples >= 1, got {steps}, {num_samples}")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        score_final = score_final or num_samples > 1 or steps == 0
         model = self.model
         vocab_ops = model.vocab_ops
         dtype = model.energy_head.weight.dtype
@@ -170,28 +199,35 @@ class EBTInference:
         energies: List[torch.Tensor] = []
         prev = None
         for k in range(steps):
-            kv = self._kv_for(cache, k, use_cache)
             with torch.enable_grad():
                 leaf = y.detach().requires_grad_(True)
                 p = vocab_ops.probs(leaf)
-                energy = self._energy_next(kv, p, k)
+                energy = self._energy(cache, p, k, mode)
                 (g,) = torch.autograd.grad(energy.sum(), p)
             energy = energy.detach()
-            if prev is not None and early_stop_tol is not None:
-                active = active & ((prev - energy) >= early_stop_tol)
-            energies.append(energy)
-            prev = energy
             base = p.detach()
             if noise_std > 0:
                 noise = torch.randn(rows, 1, model.vocab_size, generator=generator, device=gen_device, dtype=dtype)
                 base = base + vocab_ops.shard(noise.to(device)) * noise_std
-            y = torch.where(active[:, None, None], base - alpha * g, y)
-            used = used + active.long()
-        last = max(steps - 1, 0)  # the final candidate is scored on the last step's landscape
-        with torch.no_grad():
-            final = self._energy_next(self._kv_for(cache, last, use_cache), vocab_ops.probs(y), last)
-        energies.append(final)
-        best = final.view(num_samples, batch).argmin(0)  # (B,)
+            if early_stop_tol is None:
+                y = base - alpha * g
+            else:
+                if prev is not None:
+                    active = active & ((prev - energy) >= early_stop_tol)
+                y = torch.where(active[:, None, None], base - alpha * g, y)
+                used = used + active.long()
+            energies.append(energy)
+            prev = energy
+        if early_stop_tol is None:
+            used = used + steps
+        if score_final:
+            last = max(steps - 1, 0)  # the final candidate is scored on the last step's landscape
+            with torch.no_grad():
+                final = self._energy(cache, vocab_ops.probs(y), last, mode)
+            energies.append(final)
+            best = final.view(num_samples, batch).argmin(0)  # (B,)
+        else:
+            best = torch.zeros(batch, dtype=torch.long, device=device)
         pick = best * batch + torch.arange(batch, device=device)
         stacked = torch.stack(energies)[:, pick]
         return NextToken(logits=y[pick, 0], energies=stacked, steps_used=used[pick])
@@ -206,7 +242,7 @@ class EBTInference:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-        use_cache: bool = True,
+        mode: str = "kv",
         stop_id: Optional[int] = None,
         **think_kwargs,
     ) -> Iterator[int]:
@@ -221,7 +257,7 @@ class EBTInference:
         ids = torch.tensor([list(prompt_ids)[-limit:]], dtype=torch.long, device=device)
         cache = self.prefill(ids)
         for _ in range(max_tokens):
-            result = self.next_token(cache, generator=generator, use_cache=use_cache, **think_kwargs)
+            result = self.next_token(cache, generator=generator, mode=mode, score_final=False, **think_kwargs)
             token = sample(result.logits[0], temperature, top_k, top_p, generator)
             yield token
             if stop_id is not None and token == stop_id:
@@ -231,7 +267,7 @@ class EBTInference:
                 # Window full: positions shift, so the cache is rebuilt on the last `limit` tokens.
                 cache = self.prefill(torch.cat([cache.ids, new], dim=1)[:, -limit:])
             else:
-                cache = self.extend(cache, new) if use_cache else ContextCache(torch.cat([cache.ids, new], dim=1))
+                cache = self.extend(cache, new) if mode == "kv" else ContextCache(torch.cat([cache.ids, new], dim=1))
 
     def generate(self, prompt_ids: Sequence[int], max_tokens: int, **kwargs) -> List[int]:
         return list(self.generate_iter(prompt_ids, max_tokens, **kwargs))

@@ -29,7 +29,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for token in engine.generate_iter(
         ids, args.max_tokens, steps=args.steps, num_samples=args.samples, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, step_size=args.step_size,
-        early_stop_tol=args.early_stop_tol, use_cache=not args.no_cache,
+        early_stop_tol=args.early_stop_tol, mode=args.mode,
     ):
         emitted.append(token)
         text = tokenizer.decode(emitted)  # decode the whole tail: BPE pieces may merge
@@ -78,7 +78,9 @@ def add_inference_subcommands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="recompute the context every step (reference behaviour)")
+    p.add_argument("--mode", choices=["kv", "recompute", "reference"], default="kv",
+                   help="kv: KV cache (default); recompute: context re-run every step; reference: the public "
+                   "reference's full recompute (same tokens, slower)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve an export over HTTP (POST /v1/generate, GET /health)")

@@ -72,8 +72,9 @@ def two_stream_attention(
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores_ctx = torch.matmul(q, k_ctx.transpose(-1, -2)) * scale
-    visible = prediction_visibility(q.shape[-2], k_ctx.shape[-2], num_prefix, q.device)
-    scores_ctx = scores_ctx.masked_fill(~visible, float("-inf"))
+    if num_prefix < k_ctx.shape[-2] - 1:  # row 0 sees slots 0..num_prefix: else all see all
+        visible = prediction_visibility(q.shape[-2], k_ctx.shape[-2], num_prefix, q.device)
+        scores_ctx = scores_ctx.masked_fill(~visible, float("-inf"))
     score_self = (q * k_self).sum(-1, keepdim=True) * scale
     probs = _softmax_fp32(torch.cat([scores_ctx, score_self], dim=-1))
     probs_ctx, prob_self = probs[..., :-1], probs[..., -1:]

@@ -46,9 +46,10 @@ def test_cached_generation_gives_exactly_the_uncached_tokens(variant):
     engine = EBTInference(model)
     prompt = torch.randint(0, 31, (12,), generator=torch.Generator().manual_seed(2)).tolist()
     kwargs = dict(steps=3, seed=7)
-    cached = engine.generate(prompt, 64, use_cache=True, **kwargs)
-    uncached = engine.generate(prompt, 64, use_cache=False, **kwargs)
-    assert len(cached) == 64 and cached == uncached
+    cached = engine.generate(prompt, 64, mode="kv", **kwargs)
+    assert len(cached) == 64
+    assert engine.generate(prompt, 64, mode="recompute", **kwargs) == cached
+    assert engine.generate(prompt, 64, mode="reference", **kwargs) == cached
 
 
 def test_generation_past_the_context_window_and_best_of_g():
@@ -64,6 +65,8 @@ def test_early_stop_and_sampling_controls():
     cache = engine.prefill(torch.tensor([[1, 2, 3, 4]]))
     res = engine.next_token(cache, steps=8, early_stop_tol=1e9, generator=torch.Generator().manual_seed(0))
     assert res.steps_used.item() == 1 and res.energies.shape == (9, 1)
+    lean = engine.next_token(cache, steps=8, score_final=False, generator=torch.Generator().manual_seed(0))
+    assert lean.steps_used.item() == 8 and lean.energies.shape == (8, 1)
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
     g = torch.Generator().manual_seed(0)
     assert sample(logits, 0.0, 0, 1.0, g) == 1
