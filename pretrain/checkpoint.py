@@ -14,6 +14,10 @@ Loading validates everything (metadata, sizes, checksums, tensor names and shape
 touches the model or the optimizer, and raises `CheckpointError` with a one-line message
 naming the file. Loading never changes anything on disk.
 
+Multi-process runs write the same folder collectively (pretrain/distributed.py): the model and
+optimizer as layout-independent shards under `model/` (parallel.reshard) and one
+`trainer_state_rankNNNNN.pt` per rank; metadata.json lists and checksums every file.
+
 Test hook: with the environment variable `EBT_CHECKPOINT_FAULT=kill@STEP` the process
 SIGKILLs itself in the middle of saving step STEP (model written, metadata not yet).
 """
@@ -108,23 +112,35 @@ def save_checkpoint(
 
     `metadata` (JSON-serialisable: config, data cursor, probe, ...) is completed with the step,
     format version and file checksums and written last."""
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-
+    tmp, final = begin_checkpoint(run_dir, step, str(os.getpid()))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / MODEL_FILE), metadata={"step": str(step)})
     _fault(step)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     torch.save(trainer_state, tmp / STATE_FILE)
+    return finalize_checkpoint(run_dir, tmp, final, step, metadata, keep_last_k)
+
+
+def begin_checkpoint(run_dir: str | Path, step: int, suffix: str) -> Tuple[Path, Path]:
+    """(temporary folder, final folder) for step `step`; stale temporaries are removed."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}-{suffix}"
+    tmp.mkdir()
+    return tmp, final
+
+
+def finalize_checkpoint(run_dir: str | Path, tmp: Path, final: Path, step: int, metadata: Dict[str, Any],
+                        keep_last_k: int) -> Path:
+    """Checksums every file under `tmp`, writes metadata.json last, renames `tmp` to `final`
+    and prunes to the newest `keep_last_k` checkpoints."""
     files = {}
-    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-        _fsync_file(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(file)
+        files[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
     meta = {"format": FORMAT_VERSION, "step": step, **metadata, "files": files}
     with open(tmp / METADATA, "w") as fh:
         json.dump(meta, fh, indent=1)
@@ -132,6 +148,7 @@ def save_checkpoint(
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
 
+    root = final.parent
     if final.exists():  # re-saving a step (e.g. the final state after a resume at max_steps)
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -163,12 +180,22 @@ def read_metadata(path: str | Path) -> Dict[str, Any]:
     return meta
 
 
-def _verify_files(path: Path, meta: Dict[str, Any]) -> None:
-    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-        file = path / name
-        info = meta["files"].get(name)
-        if info is None:
+SHARDED_LAYOUT = "model/parallel.json"  # parallel.reshard.LAYOUT_FILE inside model/
+"""Present in checkpoints of multi-process runs (parallel.reshard's layout-independent shards)."""
+
+
+def is_sharded(meta: Dict[str, Any]) -> bool:
+    return SHARDED_LAYOUT in meta.get("files", {})
+
+
+def verify_files(path: Path, meta: Dict[str, Any]) -> None:
+    """Every file metadata.json lists is present with its recorded size and sha256."""
+    required = (SHARDED_LAYOUT,) if is_sharded(meta) else (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+    for name in required:
+        if name not in meta["files"]:
             raise CheckpointError(f"{path / METADATA}: corrupt metadata (no entry for {name})")
+    for name, info in meta["files"].items():
+        file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint")
         size = file.stat().st_size
@@ -176,6 +203,25 @@ def _verify_files(path: Path, meta: Dict[str, Any]) -> None:
             raise CheckpointError(f"{file}: truncated or corrupt ({size} bytes, expected {info['bytes']})")
         if _sha256(file) != info["sha256"]:
             raise CheckpointError(f"{file}: corrupt (sha256 does not match metadata.json)")
+
+
+def check_model_state(source: Path, tensors: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """The saved tensors have exactly the names and shapes of `model` (built from the config)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise CheckpointError(
+            f"{source}: a different model ({what}); it was saved with another model config: "
+            "use a new run_dir or the checkpoint's config"
+        )
+    for name, tensor in expected.items():
+        if tuple(tensors[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model built from the config "
+                f"has {tuple(tensor.shape)}: the checkpoint is from a different model shape (use a new run_dir)"
+            )
 
 
 def _torch_load(file: Path) -> Any:
@@ -193,27 +239,19 @@ def load_checkpoint(
     Returns (metadata, trainer_state). Nothing is modified unless every check passes."""
     path = Path(path)
     meta = read_metadata(path)
-    _verify_files(path, meta)
+    verify_files(path, meta)
+    if is_sharded(meta):
+        raise CheckpointError(
+            f"{path}: written by a {meta.get('world_size', '?')}-process run ({meta.get('layout')}); resume it with "
+            "torchrun and a parallel layout, or export it with `ebt export`"
+        )
     model_file = path / MODEL_FILE
     try:
         tensors = load_file(str(model_file))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{model_file}: cannot be read ({err})") from None
+    check_model_state(model_file, tensors, model)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise CheckpointError(
-            f"{model_file}: a different model ({what}); it was saved with another model config: "
-            "use a new run_dir or the checkpoint's config"
-        )
-    for name, tensor in expected.items():
-        if tuple(tensors[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{model_file}: {name} has shape {tuple(tensors[name].shape)}, the model built from the config "
-                f"has {tuple(tensor.shape)}: the checkpoint is from a different model shape (use a new run_dir)"
-            )
     optim_state = _torch_load(path / OPTIMIZER_FILE) if optimizer is not None else None
     trainer_state = _torch_load(path / STATE_FILE)
     if optimizer is not None:

@@ -30,7 +30,7 @@ CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_EXPERIMENT = "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-ACTIVATION_CHECKPOINTING = ("none",)
+ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
 
 
 class ConfigError(ValueError):
@@ -131,38 +131,43 @@ class TrainConfig:
             raise _bad("train", "peak_flops", f"must be > 0, got {self.peak_flops}")
 
 
-_DISTRIBUTED_LATER = "values above 1 arrive with the distributed-training issue; use 1 for now"
-
-
 @dataclass
 class ParallelConfig:
-    """The `parallel:` section. A placeholder: single process only until the distributed issue
-    adds tensor/data parallelism, ZeRO and activation checkpointing."""
+    """The `parallel:` section: the layout of a multi-process run (see docs/parallel.md).
+    tp x dp must equal the number of processes (torchrun --nproc-per-node, or a launcher)."""
 
     tp: int = 1
-    """Tensor-parallel degree."""
+    """Tensor-parallel degree: attention heads, SwiGLU and the vocabulary split across tp ranks."""
     dp: int = 1
-    """Data-parallel degree."""
+    """Data-parallel degree: each dp rank takes its slice of every global batch."""
     zero_stage: int = 0
-    """ZeRO stage for optimizer-state sharding (0 = off)."""
+    """0: replicated optimizer state, one gradient all-reduce per step; 1 or 2: DeepSpeed ZeRO.
+    ZeRO-3 (and FSDP) cannot train EBTs: the inner dE/dy releases partitioned parameters."""
     activation_checkpointing: str = "none"
-    """Activation checkpointing of the thinking loop (`none` for now)."""
+    """Non-reentrant activation checkpointing: `none`, `block`, `step`, or `block_vjp` (blocks and
+    their vector-Jacobian products: the most memory saved)."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "dp"):
             value = getattr(self, key)
             if value < 1:
                 raise _bad("parallel", key, f"must be >= 1, got {value}")
-            if value > 1:
-                raise _bad("parallel", key, f"{value}: {_DISTRIBUTED_LATER}")
-        if self.zero_stage != 0:
-            raise _bad("parallel", "zero_stage", f"{self.zero_stage}: ZeRO arrives with the distributed-training issue; use 0")
+        if self.zero_stage not in (0, 1, 2):
+            why = (" (ZeRO-3 releases partitioned parameters inside the thinking loop's dE/dy: not exact for EBTs)"
+                   if self.zero_stage == 3 else "")
+            raise _bad("parallel", "zero_stage", f"{self.zero_stage} is not one of 0, 1, 2{why}")
+        if self.zero_stage and self.dp == 1:
+            raise _bad("parallel", "zero_stage", f"{self.zero_stage} needs parallel.dp > 1 (it shards over dp ranks)")
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise _bad(
                 "parallel",
                 "activation_checkpointing",
-                f"{self.activation_checkpointing!r}: only 'none' for now (the distributed-training issue adds more)",
+                f"{self.activation_checkpointing!r} is not one of {ACTIVATION_CHECKPOINTING}",
             )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import MODEL_FILE, CheckpointError, latest_checkpoint, read_metadata
+from .checkpoint import MODEL_FILE, CheckpointError, is_sharded, latest_checkpoint, read_metadata, verify_files
 from .generate import ThinkingDefaults
 from .model import ModelConfig, build_model
 from .probe import probe_values
@@ -59,11 +59,11 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 def consolidated_state(checkpoint: Path, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """Full (unsharded) float32 model weights of a checkpoint, validated against its metadata."""
-    layout = meta.get("layout", {})
-    if layout.get("tp", 1) != 1:
-        from parallel.reshard import load_full_model_state  # sharded layouts (distributed issue)
+    if is_sharded(meta):  # a multi-process run: reassemble the tp shards
+        from parallel.reshard import load_full_model_state
 
-        return load_full_model_state(checkpoint, meta)
+        verify_files(checkpoint, meta)
+        return {k: v.float().contiguous() for k, v in load_full_model_state(checkpoint / "model").items()}
     info = meta["files"].get(MODEL_FILE, {})
     file = checkpoint / MODEL_FILE
     if not file.is_file() or file.stat().st_size != info.get("bytes") or _sha256(file) != info.get("sha256"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import resource
 import socket
@@ -36,8 +37,9 @@ import torch.nn as nn
 from data_pipeline import make_loader, prepare_dataset
 from launchers.preemption import Preempted, stop_requested
 
+from . import distributed
 from . import flops as flops_mod
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from .config import ConfigError, RunConfig, to_container, to_yaml
 from .model import build_model
 from .thinking import ReplayBuffer, cross_entropy, think, unroll
@@ -105,17 +107,20 @@ class StepStats:
 class EBTStep:
     """A micro-batch of the EBT: `thinking.unroll` runs the thinking steps and the backward."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, generator: torch.Generator, replay: Optional[ReplayBuffer]):
-        self.model, self.cfg, self.generator, self.replay = model, cfg, generator, replay
+    def __init__(self, model: nn.Module, cfg: RunConfig, generator: torch.Generator, replay: Optional[ReplayBuffer],
+                 pm=None):
+        self.model, self.cfg, self.generator, self.replay, self.pm = model, cfg, generator, replay, pm
 
     def __call__(self, micro_batches: List[torch.Tensor], autocast) -> StepStats:
         n = len(micro_batches)
         results = []
         flops = 0.0
-        for ids in micro_batches:
+        for i, ids in enumerate(micro_batches):
+            # Multi-process: gradients are synchronised once, in the last micro-batch's last backward.
+            extra = {} if self.pm is None else {"backward_fn": self.pm.backward_fn(sync=i == n - 1)}
             with autocast():
                 r = unroll(self.model, ids, self.cfg.thinking, generator=self.generator, replay=self.replay,
-                           loss_scale=1.0 / n)
+                           loss_scale=1.0 / n, **extra)
             results.append(r)
             flops += flops_mod.ebt_step_flops(
                 self.model.cfg, ids.shape[1] - 1, r.num_rows, r.num_steps,
@@ -137,18 +142,21 @@ class EBTStep:
 class TransformerPPStep:
     """A micro-batch of the Transformer++ baseline: next-token cross-entropy, first order."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: RunConfig, pm=None):
+        self.model, self.cfg, self.pm = model, cfg, pm
 
     def __call__(self, micro_batches: List[torch.Tensor], autocast) -> StepStats:
         n = len(micro_batches)
         losses = []
         flops = 0.0
-        for ids in micro_batches:
+        for i, ids in enumerate(micro_batches):
             with autocast():
                 logits = self.model(ids[:, :-1])
-            loss = cross_entropy(logits, ids[:, 1:])
-            (loss / n).backward()
+            loss = self.model.vocab_ops.cross_entropy(logits, ids[:, 1:])  # vocab-parallel under tp
+            if self.pm is None:
+                (loss / n).backward()
+            else:
+                self.pm.backward(loss / n, sync=i == n - 1)
             losses.append(loss.detach())
             flops += flops_mod.transformer_pp_step_flops(self.model.cfg, ids.shape[1] - 1, ids.shape[0])
         loss = torch.stack(losses).mean()
@@ -244,13 +252,22 @@ class Trainer:
     from have been checked, so a bad input leaves the disk as it was."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print) -> None:
-        self.log = log
         self.device = select_device(cfg)
+        # Multi-process runs (torchrun, `ebt launch`): the process group and the parallel layout.
+        self.dims = None
+        if distributed.requested(cfg):
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            self.dims = distributed.setup(cfg, self.device)
+        self.rank = self.dims.rank if self.dims is not None else 0
+        self.log = log if self.rank == 0 else (lambda _msg: None)
         # Thinking with a large step size drives candidate probabilities deep into the subnormal
         # range, where CPU arithmetic is 10-100x slower; flushing them to zero keeps steps fast.
         torch.set_flush_denormal(True)
         self.dtype = select_precision(cfg, self.device)
-        self.prepared = prepare_dataset(cfg.data, rank=0, world_size=1)
+        world = self.dims.world_size if self.dims is not None else 1
+        self.prepared = prepare_dataset(cfg.data, rank=self.rank, world_size=world)
         vocab = self.prepared.vocab_size
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} < the tokenizer's {vocab}; use null")
@@ -263,15 +280,32 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = build_model(cfg.model).to(self.device)
         self.is_ebt = cfg.model.arch == "ebt"
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.pm = None
+        self._resume_meta: Optional[Dict[str, Any]] = None
+        if self.dims is not None:
+            from parallel.apply import parallelize
+            from parallel.dims import check_model_fits
+
+            check_model_fits(self.dims, cfg.model.num_heads, cfg.model.vocab_size, cfg.model.ffn_hidden)
+            path = latest_checkpoint(self.run_dir)
+            if path is not None:  # the full weights go in before parallelize slices them
+                self._resume_meta = distributed.load_full_model(path, self.model)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None
+            self.pm = parallelize(self.model, self.dims, cfg.parallel, lambda m: build_optimizer(m, cfg), clip=clip)
+            self.model = self.pm.module
+            self.optimizer = self.pm.optimizer
+        else:
+            self.optimizer = build_optimizer(self.model, cfg)
         self.generator = torch.Generator().manual_seed(tc.seed)
         th = cfg.thinking
         self.replay = ReplayBuffer(th.replay_size) if self.is_ebt and th.replay_size > 0 else None
         self.step_fn = (
-            EBTStep(self.model, cfg, self.generator, self.replay) if self.is_ebt else TransformerPPStep(self.model, cfg)
+            EBTStep(self.model, cfg, self.generator, self.replay, self.pm) if self.is_ebt
+            else TransformerPPStep(self.model, cfg, self.pm)
         )
+        dp_rank, dp = (self.dims.dp_rank, self.dims.dp) if self.dims is not None else (0, 1)
         self.train_loader = make_loader(
-            self.prepared, "train", global_batch_size=tc.global_batch_size, rank=0, world_size=1,
+            self.prepared, "train", global_batch_size=tc.global_batch_size, rank=dp_rank, world_size=dp,
             seed=cfg.data.seed, num_workers=cfg.data.num_workers, on_bad_shard=cfg.data.on_bad_shard,
         )
         probe_gen = torch.Generator().manual_seed(PROBE_SEED)
@@ -283,6 +317,11 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         self.peak_flops = tc.peak_flops or flops_mod.peak_flops_estimate(self.device, self.dtype)
         self._resume()
+
+    @property
+    def layout(self) -> Dict[str, int]:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "dp": p.dp, "zero_stage": p.zero_stage}
 
     # -- state ---------------------------------------------------------------------------
     def autocast(self):
@@ -320,13 +359,16 @@ class Trainer:
         """Checkpoints the current state (see pretrain.checkpoint for the layout)."""
         meta = {
             "reason": reason,
-            "world_size": 1,
-            "layout": {"tp": 1, "dp": 1, "zero_stage": 0},
+            "world_size": self.dims.world_size if self.dims is not None else 1,
+            "layout": self.layout,
             "config": to_container(self.cfg),
             "data": self.train_loader.state_dict(),
-            "probe": {"ids": self.probe_ids.tolist(), "values": self.probe_values()},
+            "probe": {"ids": self.probe_ids.tolist(), "values": self.probe_values()},  # collective under tp
             "skipped_steps": self.skipped,
         }
+        if self.pm is not None:
+            return distributed.save(self.pm, self.run_dir, self.step, self._trainer_state(), meta,
+                                    self.cfg.train.keep_last_k)
         path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                trainer_state=self._trainer_state(), metadata=meta, keep_last_k=self.cfg.train.keep_last_k)
         return path
@@ -335,7 +377,17 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return
-        meta, state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        own_state = True
+        if self.pm is None and not is_sharded(read_metadata(path)):
+            meta, state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        elif self.pm is None:  # a multi-process run's checkpoint, resumed by one process
+            meta = distributed.load_full_model(path, self.model)
+            distributed.load_optimizer_unsharded(self.optimizer, self.model, path)
+            state, own_state = distributed.load_trainer_state(path, meta, 0, False)
+        else:  # weights were loaded before parallelize; the optimizer is resliced for this layout
+            meta = self._resume_meta
+            distributed.load_optimizer(self.pm, path, meta)
+            state, own_state = distributed.load_trainer_state(path, meta, self.rank, meta.get("layout") == self.layout)
         probe = meta.get("probe", {})
         if probe.get("ids") == self.probe_ids.tolist():
             saved, now = torch.tensor(probe["values"]), torch.tensor(self.probe_values())
@@ -351,6 +403,11 @@ class Trainer:
             if self.device.type == "cuda" and state.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             if self.replay is not None and state.get("replay") is not None:
+                if not own_state and state["replay"].get("size", 0):
+                    raise CheckpointError(
+                        f"{path}: the replay buffer is per rank and this run's layout {self.layout} differs from the "
+                        f"checkpoint's {meta.get('layout')}: resume with the same layout"
+                    )
                 self.replay.load_state_dict(state["replay"])
             self.step = int(state["step"])
             self.skipped = int(state["skipped"])
@@ -413,6 +470,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
+        if self.rank != 0:  # rank 0 writes the run folder's files
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         (self.run_dir / "env.json").write_text(json.dumps(environment_info(self.device), indent=1))
@@ -433,9 +492,11 @@ class Trainer:
             f"seq {cfg.data.seq_len}, batch {tc.global_batch_size}, {tc.max_steps} steps, device {self.device}, "
             f"{str(self.dtype).replace('torch.', '')}, unigram entropy {self.prepared.unigram_entropy:.3f} nats"
         )
-        tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step if self.step else None)
-        metrics = open(self.run_dir / "metrics.jsonl", "a")
-        evals = open(self.run_dir / "eval.jsonl", "a")
+        main = self.rank == 0
+        tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step if self.step else None) if main \
+            else _NullWriter()
+        metrics = open(self.run_dir / "metrics.jsonl" if main else os.devnull, "a")
+        evals = open(self.run_dir / "eval.jsonl" if main else os.devnull, "a")
         tokens_per_step = tc.global_batch_size * cfg.data.seq_len
         started = time.time()
         window_start, window_steps, window_flops, train_seconds = time.time(), 0, 0.0, 0.0
@@ -448,24 +509,36 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
                 stats = self.step_fn(list(batch.tensor_split(tc.grad_accum)), self.autocast)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                loss_ok = bool(torch.isfinite(stats.loss))
+                if self.pm is None:
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    bad_loss, bad_input = not bool(torch.isfinite(stats.loss)), bool(stats.nonfinite_grad_input)
+                else:  # every rank decides alike: flags and logged values are reduced over the world
+                    stats = self._reduce_stats(stats)
+                    bad_loss = not bool(torch.isfinite(stats.loss))
+                    bad_input = distributed.any_rank(stats.nonfinite_grad_input)
+                    grad_norm = torch.tensor(float("nan"))
                 reason = None
-                if not loss_ok:
+                if bad_loss:
                     reason = "non-finite loss"
-                elif bool(stats.nonfinite_grad_input):
+                elif bad_input:
                     reason = "non-finite dE/dy"
-                elif not bool(torch.isfinite(grad_norm)):
+                elif self.pm is None and not bool(torch.isfinite(grad_norm)):
                     reason = "non-finite gradient norm"
                 if reason is None:
-                    self.optimizer.step()
+                    if self.pm is None:
+                        self.optimizer.step()
+                    else:
+                        grad_norm = self.pm.clip_and_step(clip)  # global norm over the unsharded model
                     self.consecutive_nonfinite = 0
                 else:
                     self.skipped += 1
                     self.consecutive_nonfinite += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.pm is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    self.pm.zero_grad()
                 self.step += 1
                 steps_this_run += 1
                 window_steps += 1
@@ -524,8 +597,15 @@ class Trainer:
             "unigram_entropy": float(self.prepared.unigram_entropy),
             "eval": self.last_eval,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _reduce_stats(self, stats: StepStats) -> StepStats:
+        """Mean over ranks of the logged values (tp ranks hold identical ones; dp ranks differ)."""
+        fields = ["loss", "loss_first", "loss_last"] + (["energy_first", "energy_last"] if stats.energy_first is not None else [])
+        values = distributed.all_reduce_mean(torch.stack([getattr(stats, f).float().cpu() for f in fields]))
+        return replace(stats, **{f: values[i] for i, f in enumerate(fields)})
 
     def _progress(self, stats: StepStats, grad_norm, lr, elapsed, window_steps, window_flops,
                   tokens_per_step, steps_this_run, train_seconds) -> Dict[str, Any]:
@@ -578,10 +658,24 @@ class Trainer:
         tb.add_scalar("eval/val_ce", record["val_ce"], record["step"])
 
 
+class _NullWriter:
+    """TensorBoard stand-in on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Builds a Trainer (resuming when run_dir has checkpoints) and runs it."""
-    trainer = Trainer(cfg, log=log)
-    if trainer.step >= cfg.train.max_steps:
-        log(f"{cfg.run_dir}: already at step {trainer.step} = train.max_steps; nothing to do "
-            "(raise train.max_steps to continue, or use a new run_dir)")
-    return trainer.run()
+    """Builds a Trainer (resuming when run_dir has checkpoints) and runs it; a multi-process run
+    destroys its process group on the way out, whatever happens."""
+    try:
+        trainer = Trainer(cfg, log=log)
+        if trainer.step >= cfg.train.max_steps:
+            trainer.log(f"{cfg.run_dir}: already at step {trainer.step} = train.max_steps; nothing to do "
+                        "(raise train.max_steps to continue, or use a new run_dir)")
+        return trainer.run()
+    finally:
+        distributed.teardown()

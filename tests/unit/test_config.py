@@ -102,9 +102,10 @@ def test_wrong_type_names_key_and_value(override: str, expected: str):
         (["train.precision=fp16"], "train.precision"),
         (["model.ebt_type=time_embed", "model.num_step_embeddings=3"], "model.num_step_embeddings: 3 > the 2 trained"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
-        (["parallel.tp=2"], "parallel.tp: 2: values above 1 arrive with the distributed-training issue"),
-        (["parallel.dp=4"], "parallel.dp"),
-        (["parallel.zero_stage=1"], "parallel.zero_stage"),
+        (["parallel.tp=0"], "parallel.tp: must be >= 1"),
+        (["parallel.dp=3"], "train.global_batch_size"),
+        (["parallel.zero_stage=3", "parallel.dp=2"], "parallel.zero_stage: 3 is not one of 0, 1, 2 (ZeRO-3 releases"),
+        (["parallel.zero_stage=1"], "parallel.zero_stage: 1 needs parallel.dp > 1"),
         (["parallel.activation_checkpointing=full"], "parallel.activation_checkpointing"),
     ],
 )
