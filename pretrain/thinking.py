@@ -298,7 +298,8 @@ def unroll(
         total = total.detach()
 
     final = y.detach()
-    if replay is not None and cfg.replay_size > 0:
+    if replay is not None and cfg.replay_size > 0 and not bool(nonfinite):
+        # A step the trainer will skip must not leave NaN rows that later batches start from.
         replay.add(fresh_ids, final[:batch])
     return UnrollResult(
         loss=total,
