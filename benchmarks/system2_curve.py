@@ -41,7 +41,8 @@ def main() -> None:
     prepared = prepare_dataset(DataConfig(**meta["config"]["data"]))
     loader = make_loader(prepared, "val", global_batch_size=args.batch_size, rank=0, world_size=1, seed=0)
     batches = [b for _, b in zip(range(args.batches), loader)]
-    trained_steps = meta["config"]["thinking"]["num_steps"]
+    thinking = meta["config"]["thinking"]
+    trained_steps = thinking.get("num_steps_max") or thinking["num_steps"]  # the most steps trained
 
     def mean_ce(steps: int, samples: int) -> list:
         totals = None
