@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import CONFIG_ROOT, ConfigError, RunConfig, load_config, resolve_config_path
+from pretrain.config import CONFIG_ROOT, ConfigError, RunConfig, load_config, resolve_config_path, resolve_named_yaml
 
 BACKENDS = ("local", "slurm", "ray")
 SLURM_MODES = ("torchrun", "srun")
@@ -190,18 +190,7 @@ RUN_KEYS = tuple(f.name for f in fields(RunConfig) if f.name not in LAUNCH_KEYS)
 
 def resolve_launch_path(name: str) -> Path:
     """A YAML path, or the name of a file in configs/launch/."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise LaunchError(f"launch config {name!r} does not exist")
-        return path
-    candidate = CONFIG_ROOT / "launch" / f"{name}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(p.stem for p in (CONFIG_ROOT / "launch").glob("*.yaml"))
-    hint = difflib.get_close_matches(name, known, n=1)
-    extra = f" (did you mean {hint[0]!r}?)" if hint else f" (launch configs: {', '.join(known)})"
-    raise LaunchError(f"launch config {name!r} is neither a YAML file nor a name in configs/launch{extra}")
+    return resolve_named_yaml(name, "launch", "launch config", LaunchError)
 
 
 def _one_line(err: Exception, origin: str, schema: DictConfig) -> LaunchError:

@@ -274,20 +274,25 @@ def _omegaconf_error(err: OmegaConfBaseException, schema: DictConfig, origin: st
     return ConfigError(f"{origin}: {full_key + ': ' if full_key else ''}{msg}")
 
 
-def resolve_config_path(name: str) -> Path:
-    """A YAML path, or the name of an experiment under configs/experiments/."""
+def resolve_named_yaml(name: str, folder: str, what: str, error: type = ConfigError) -> Path:
+    """A YAML path, or the name of a file in configs/<folder>/ (errors name the close matches)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {name!r} does not exist")
+            raise error(f"{what} {name!r} does not exist")
         return path
-    candidate = CONFIG_ROOT / "experiments" / f"{name}.yaml"
+    candidate = CONFIG_ROOT / folder / f"{name}.yaml"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem for p in (CONFIG_ROOT / "experiments").glob("*.yaml"))
+    known = sorted(p.stem for p in (CONFIG_ROOT / folder).glob("*.yaml"))
     hint = difflib.get_close_matches(name, known, n=1)
-    extra = f" (did you mean {hint[0]!r}?)" if hint else f" (experiments: {', '.join(known)})"
-    raise ConfigError(f"config {name!r} is neither a YAML file nor an experiment in configs/experiments{extra}")
+    extra = f" (did you mean {hint[0]!r}?)" if hint else f" ({folder}: {', '.join(known)})"
+    raise error(f"{what} {name!r} is neither a YAML file nor a name in configs/{folder}{extra}")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of an experiment under configs/experiments/."""
+    return resolve_named_yaml(name, "experiments", "config")
 
 
 def _load_yaml(path: Path, stack: Sequence[Path] = ()) -> List[tuple]:
