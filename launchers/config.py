@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import CONFIG_ROOT, ConfigError, RunConfig, load_config, resolve_config_path, resolve_named_yaml
+from pretrain.config import ConfigError, RunConfig, load_config, resolve_config_path, resolve_named_yaml
 
 BACKENDS = ("local", "slurm", "ray")
 SLURM_MODES = ("torchrun", "srun")

@@ -18,7 +18,7 @@ def _split_items(items: Sequence[str]):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config, to_yaml
+    from .config import load_config, to_yaml
     from .trainer import train
 
     configs, overrides = _split_items(args.items)
