@@ -27,7 +27,7 @@ def probe_values(model: torch.nn.Module, ids: torch.Tensor) -> List[List[float]]
     if hasattr(model, "energy"):
         gen = torch.Generator().manual_seed(PROBE_SEED)
         noise = torch.randn(*ctx.shape, model.vocab_size, generator=gen).to(device, model.energy_head.weight.dtype)
-        values = model.energy(ctx, model.vocab_ops.shard(noise))
+        values = model.energy(ctx, noise)  # full-V logits: tensor-parallel energy() slices them itself
     else:
         values = torch.log_softmax(model(ctx).float(), -1).gather(-1, tgt[..., None])[..., 0]
     model.train(was_training)

@@ -39,12 +39,12 @@ from launchers.preemption import Preempted, stop_requested
 
 from . import distributed
 from . import flops as flops_mod
+from . import probe as probe_mod
 from .checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from .config import ConfigError, RunConfig, to_container, to_yaml
 from .model import build_model
 from .thinking import ReplayBuffer, cross_entropy, think, unroll
 
-PROBE_ROWS, PROBE_LEN, PROBE_SEED = 2, 16, 1234
 EVAL_SEED_OFFSET = 7919
 
 
@@ -308,8 +308,7 @@ class Trainer:
             self.prepared, "train", global_batch_size=tc.global_batch_size, rank=dp_rank, world_size=dp,
             seed=cfg.data.seed, num_workers=cfg.data.num_workers, on_bad_shard=cfg.data.on_bad_shard,
         )
-        probe_gen = torch.Generator().manual_seed(PROBE_SEED)
-        self.probe_ids = torch.randint(0, vocab, (PROBE_ROWS, min(PROBE_LEN, cfg.data.seq_len) + 1), generator=probe_gen)
+        self.probe_ids = probe_mod.probe_ids(vocab, cfg.data.seq_len)
         self.step = 0
         self.skipped = 0
         self.consecutive_nonfinite = 0
@@ -329,20 +328,9 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
     def probe_values(self) -> List[List[float]]:
         """Energies (EBT) or target log-probabilities (Transformer++) on the fixed probe batch."""
-        ids = self.probe_ids.to(self.device)
-        ctx, tgt = ids[:, :-1], ids[:, 1:]
-        self.model.eval()
-        if self.is_ebt:
-            gen = torch.Generator().manual_seed(PROBE_SEED)
-            noise = torch.randn(*ctx.shape, self.model.vocab_size, generator=gen).to(self.device)
-            values = self.model.energy(ctx, noise)
-        else:
-            values = torch.log_softmax(self.model(ctx).float(), -1).gather(-1, tgt[..., None])[..., 0]
-        self.model.train()
-        return values.float().cpu().tolist()
+        return probe_mod.probe_values(self.model, self.probe_ids)
 
     def _trainer_state(self) -> Dict[str, Any]:
         return {
