@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .model.ebt import EnergyTransformer
+from .thinking import draw_randn
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
 MODES = ("kv", "recompute", "reference")
@@ -190,9 +191,7 @@ class EBTInference:
         device = cache.ids.device
         batch = cache.ids.shape[0]
         rows = batch * num_samples
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        y = torch.randn(rows, 1, model.vocab_size, generator=generator, device=gen_device, dtype=dtype).to(device)
-        y = vocab_ops.shard(y)
+        y = vocab_ops.shard(draw_randn((rows, 1, model.vocab_size), generator, device, dtype))
         alpha = model.effective_step_size().detach() if step_size is None else torch.tensor(step_size, dtype=dtype)
         active = torch.ones(rows, dtype=torch.bool, device=device)
         used = torch.zeros(rows, dtype=torch.long, device=device)
@@ -207,8 +206,8 @@ class EBTInference:
             energy = energy.detach()
             base = p.detach()
             if noise_std > 0:
-                noise = torch.randn(rows, 1, model.vocab_size, generator=generator, device=gen_device, dtype=dtype)
-                base = base + vocab_ops.shard(noise.to(device)) * noise_std
+                noise = draw_randn((rows, 1, model.vocab_size), generator, device, dtype)
+                base = base + vocab_ops.shard(noise) * noise_std
             if early_stop_tol is None:
                 y = base - alpha * g
             else:

@@ -159,21 +159,25 @@ class UnrollResult:
     extra: dict = field(default_factory=dict)
 
 
-def _randn(shape, generator, device, dtype) -> torch.Tensor:
-    # Drawn on the generator's device (CPU generators stay reproducible across devices).
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+def _generator_device(generator: Optional[torch.Generator]) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
-def _rand(shape, generator, device, dtype) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+def draw_randn(shape, generator, device, dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to `device` (CPU
+    generators stay reproducible whatever device the model is on)."""
+    return torch.randn(shape, generator=generator, device=_generator_device(generator), dtype=dtype).to(device)
+
+
+def draw_rand(shape, generator, device, dtype) -> torch.Tensor:
+    """Uniform [0, 1) noise, drawn like `draw_randn`."""
+    return torch.rand(shape, generator=generator, device=_generator_device(generator), dtype=dtype).to(device)
 
 
 def initial_candidates(batch: int, seq: int, vocab: int, cfg: ThinkingConfig, generator, device, dtype):
     if cfg.init == "zeros":
         return torch.zeros(batch, seq, vocab, device=device, dtype=dtype)
-    return _randn((batch, seq, vocab), generator, device, dtype) * cfg.init_std
+    return draw_randn((batch, seq, vocab), generator, device, dtype) * cfg.init_std
 
 
 cross_entropy = LOCAL_VOCAB.cross_entropy
@@ -237,7 +241,7 @@ def unroll(
     jitter = None
     if cfg.step_size_jitter > 1.0:
         s = cfg.step_size_jitter
-        jitter = 1.0 / s + _rand((y.shape[0], seq, 1), generator, device, dtype) * (s - 1.0 / s)
+        jitter = 1.0 / s + draw_rand((y.shape[0], seq, 1), generator, device, dtype) * (s - 1.0 / s)
 
     reuse = cfg.reuse_context and not model.context_depends_on_step
     per_step = backward and cfg.detach_between_steps and cfg.per_step_backward
@@ -256,7 +260,7 @@ def unroll(
     last_backward = k_steps - 1 if context_graph is None else k_steps
     for k in range(k_steps):
         if cfg.langevin_std > 0:
-            noise = _randn((*y.shape[:-1], vocab), generator, device, dtype)
+            noise = draw_randn((*y.shape[:-1], vocab), generator, device, dtype)
             y = y + vocab_ops.shard(noise) * cfg.langevin_std
         if cfg.detach_between_steps:
             y = y.detach()
@@ -392,7 +396,7 @@ def think(
         energies.append(energy)
         prev_energy = energy
         if noise_std > 0:
-            noise = _randn((*base.shape[:-1], model.vocab_size), generator, base.device, dtype)
+            noise = draw_randn((*base.shape[:-1], model.vocab_size), generator, base.device, dtype)
             base = base + vocab_ops.shard(noise) * noise_std
         y_next = base - alpha * g
         y = torch.where(active.unsqueeze(-1), y_next, y)
