@@ -3,24 +3,18 @@ once (one builds, the other waits), then each reads its rank's slice with a Data
 slices are disjoint and together exactly one epoch, and the cursors agree."""
 import json
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from parallel.testing import free_port
 
 pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, text_dir: str, cache_dir: str, out_dir: str) -> None:
@@ -58,7 +52,7 @@ def test_two_gloo_ranks_read_disjoint_complete_slices(tmp_path):
         (text_dir / f"{key}.txt").write_text(pydoc_data.topics.topics[key], encoding="utf-8")
     cache_dir = tmp_path / "cache"
     # fork: the ranks inherit the imported torch instead of paying its import again (seconds on 2 cores)
-    mp.start_processes(_rank_main, args=(_free_port(), str(text_dir), str(cache_dir), str(tmp_path)),
+    mp.start_processes(_rank_main, args=(free_port(), str(text_dir), str(cache_dir), str(tmp_path)),
                        nprocs=WORLD_SIZE, start_method="fork")
 
     result = json.loads((tmp_path / "result.json").read_text())

@@ -4,23 +4,17 @@ same step, so neither is left waiting in a collective the other never joins."""
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from parallel.testing import free_port
 
 pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 SIGNAL_AT = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -44,7 +38,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_all_ranks_stop_after_the_same_step(tmp_path):
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert [r["stopped_at"] for r in results] == [SIGNAL_AT, SIGNAL_AT]
     assert [r["received"] for r in results] == [False, True]  # rank 0 stops on rank 1's signal

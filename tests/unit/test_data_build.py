@@ -18,28 +18,14 @@ from data_pipeline.cli import main
 from data_pipeline.shards import encode_shard, npy_header
 from data_pipeline.sources import resolve_sources
 from data_pipeline.tokenizer import gpt2_tokenizer, load_tokenizer, tokenizer_from_file, train_bpe
+from data_testlib import pydoc_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pydoc_folder(root: Path, limit_bytes: int = 60_000) -> Path:
-    import pydoc_data.topics
-
-    folder = root / "pydoc"
-    folder.mkdir()
-    size = 0
-    for key in sorted(pydoc_data.topics.topics):
-        text = pydoc_data.topics.topics[key]
-        (folder / f"{key}.txt").write_text(text, encoding="utf-8")
-        size += len(text)
-        if size > limit_bytes:
-            break
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return pydoc_folder(tmp_path_factory.mktemp("text"))
+    return pydoc_folder(tmp_path_factory.mktemp("text"), 60_000)
 
 
 @pytest.fixture(scope="module")

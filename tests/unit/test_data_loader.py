@@ -17,30 +17,15 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.shards import BLOCK, member_bytes, read_shard
 from data_pipeline.sources import resolve_sources
 from data_pipeline.tokenizer import train_bpe
+from data_testlib import pydoc_folder
 
 SEQ_LEN = 32
-
-
-def pydoc_folder(root: Path, limit_bytes: int = 120_000) -> Path:
-    """The first pydoc topics (real English text), one file each."""
-    import pydoc_data.topics
-
-    folder = root / "pydoc"
-    folder.mkdir()
-    size = 0
-    for key in sorted(pydoc_data.topics.topics):
-        text = pydoc_data.topics.topics[key]
-        (folder / f"{key}.txt").write_text(text, encoding="utf-8")
-        size += len(text)
-        if size > limit_bytes:
-            break
-    return folder
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("loader")
-    sources = resolve_sources([str(pydoc_folder(root))])
+    sources = resolve_sources([str(pydoc_folder(root, 120_000))])
     tokenizer = train_bpe([t for s in sources for t in s.read_all()], 512)
     out = root / "shards"
     build_shards(sources, tokenizer, out, seq_len=SEQ_LEN, val_fraction=0.1, shard_size_mb=64 / 1024, progress=False)
