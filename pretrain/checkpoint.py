@@ -205,6 +205,22 @@ def verify_files(path: Path, meta: Dict[str, Any]) -> None:
             raise CheckpointError(f"{file}: corrupt (sha256 does not match metadata.json)")
 
 
+def read_full_model_state(path: Path, meta: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Path]:
+    """The full (unsharded) weights of a checkpoint of any layout, after checking every file it
+    lists: model.safetensors, or the tensor-parallel shards under model/ reassembled. Returns
+    (tensors, the file or folder they came from)."""
+    verify_files(path, meta)
+    source = path / "model" if is_sharded(meta) else path / MODEL_FILE
+    try:
+        if is_sharded(meta):
+            from parallel.reshard import load_full_model_state
+
+            return load_full_model_state(source), source
+        return load_file(str(source)), source
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{source}: cannot be read ({type(err).__name__}: {err})") from None
+
+
 def check_model_state(source: Path, tensors: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """The saved tensors have exactly the names and shapes of `model` (built from the config)."""
     expected = model.state_dict()

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
-    MODEL_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
     CheckpointError,
@@ -32,8 +31,8 @@ from .checkpoint import (
     check_model_state,
     finalize_checkpoint,
     is_sharded,
+    read_full_model_state,
     read_metadata,
-    verify_files,
 )
 from .config import ConfigError, RunConfig
 
@@ -99,18 +98,8 @@ def save(pm, run_dir: Path, step: int, trainer_state: Dict[str, Any], metadata: 
 def load_full_model(path: Path, model: torch.nn.Module) -> Dict[str, Any]:
     """Validates checkpoint `path` (any layout) and loads the full weights into the unsharded
     `model`. Returns the metadata."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from parallel.reshard import load_full_model_state
-
     meta = read_metadata(path)
-    verify_files(path, meta)
-    source = path / "model" if is_sharded(meta) else path / MODEL_FILE
-    try:
-        tensors = load_full_model_state(source) if is_sharded(meta) else load_file(str(source))
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{source}: cannot be read ({type(err).__name__}: {err})") from None
+    tensors, source = read_full_model_state(path, meta)
     check_model_state(source, tensors, model)
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import MODEL_FILE, CheckpointError, is_sharded, latest_checkpoint, read_metadata, verify_files
+from .checkpoint import latest_checkpoint, read_full_model_state, read_metadata
 from .generate import ThinkingDefaults
 from .model import ModelConfig, build_model
 from .probe import probe_values
@@ -58,21 +57,10 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 
 def consolidated_state(checkpoint: Path, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) float32 model weights of a checkpoint, validated against its metadata."""
-    if is_sharded(meta):  # a multi-process run: reassemble the tp shards
-        from parallel.reshard import load_full_model_state
-
-        verify_files(checkpoint, meta)
-        return {k: v.float().contiguous() for k, v in load_full_model_state(checkpoint / "model").items()}
-    info = meta["files"].get(MODEL_FILE, {})
-    file = checkpoint / MODEL_FILE
-    if not file.is_file() or file.stat().st_size != info.get("bytes") or _sha256(file) != info.get("sha256"):
-        raise CheckpointError(f"{file}: missing, truncated or corrupt (does not match metadata.json)")
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: cannot be read ({err})") from None
-    return {k: v.float().contiguous() for k, v in state.items()}
+    """Full (unsharded) float32 model weights of a checkpoint of any layout, validated against
+    its metadata."""
+    tensors, _ = read_full_model_state(checkpoint, meta)
+    return {k: v.float().contiguous() for k, v in tensors.items()}
 
 
 def _model_config(meta: Dict[str, Any], state: Dict[str, torch.Tensor]) -> ModelConfig:
