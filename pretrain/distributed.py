@@ -144,13 +144,8 @@ def load_trainer_state(path: Path, meta: Dict[str, Any], rank: int, same_layout:
 
 
 def all_reduce_mean(values: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
-    out = values.detach().float().clone()
+    """Mean over the group's ranks, returned on the CPU (nccl reduces only CUDA tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    out = values.detach().to(device=device, dtype=torch.float32, copy=True)  # never reduce the caller's tensor
     dist.all_reduce(out, group=group)
-    return out / dist.get_world_size(group)
-
-
-def any_rank(flag: torch.Tensor) -> bool:
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = flag.detach().to(device=device, dtype=torch.int32).reshape(1)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return (out / dist.get_world_size(group)).cpu()

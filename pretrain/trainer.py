@@ -505,7 +505,7 @@ class Trainer:
                 else:  # every rank decides alike: flags and logged values are reduced over the world
                     stats = self._reduce_stats(stats)
                     bad_loss = not bool(torch.isfinite(stats.loss))
-                    bad_input = distributed.any_rank(stats.nonfinite_grad_input)
+                    bad_input = bool(stats.nonfinite_grad_input)
                     grad_norm = torch.tensor(float("nan"))
                 reason = None
                 if bad_loss:
@@ -590,10 +590,12 @@ class Trainer:
         return summary
 
     def _reduce_stats(self, stats: StepStats) -> StepStats:
-        """Mean over ranks of the logged values (tp ranks hold identical ones; dp ranks differ)."""
+        """Mean over ranks of the logged values (tp ranks hold identical ones; dp ranks differ),
+        and whether any rank saw a non-finite dE/dy (its 0/1 flag has a mean > 0): one all-reduce."""
         fields = ["loss", "loss_first", "loss_last"] + (["energy_first", "energy_last"] if stats.energy_first is not None else [])
-        values = distributed.all_reduce_mean(torch.stack([getattr(stats, f).float().cpu() for f in fields]))
-        return replace(stats, **{f: values[i] for i, f in enumerate(fields)})
+        local = [getattr(stats, f).float().cpu() for f in fields] + [stats.nonfinite_grad_input.float().cpu()]
+        values = distributed.all_reduce_mean(torch.stack(local))
+        return replace(stats, nonfinite_grad_input=values[-1] > 0, **{f: values[i] for i, f in enumerate(fields)})
 
     def _progress(self, stats: StepStats, grad_norm, lr, elapsed, window_steps, window_flops,
                   tokens_per_step, steps_this_run, train_seconds) -> Dict[str, Any]:
