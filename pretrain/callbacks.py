@@ -337,8 +337,9 @@ class EnvJson(Callback):
 
 
 def default_callbacks() -> List[Callback]:
-    """The callbacks every run has, in call order (the guard first: it decides the step)."""
-    return [NonFiniteGuard(), Progress(), JsonlSink(), TensorBoardSink(), EnvJson(), Evaluation(), Checkpointing()]
+    """The callbacks every run has, in call order (the guard last: when it stops the run, the
+    skipped step is already recorded)."""
+    return [Progress(), JsonlSink(), TensorBoardSink(), EnvJson(), Evaluation(), Checkpointing(), NonFiniteGuard()]
 
 
 def finite(value: float) -> bool:

@@ -169,7 +169,7 @@ class EBTTrainModule(TrainModule):
         def mean(values: Iterable[torch.Tensor]) -> torch.Tensor:
             # Row-weighted: micro-batches of unequal size count by their rows.
             got = [(n, v) for n, v in zip((n for n, _ in results), values)]
-            return sum(n * v.float() for n, v in got) / sum(n for n, _ in got)
+            return sum(n * v.detach() for n, v in got) / sum(n for n, _ in got)
 
         return StepStats(
             loss=mean(r.loss for _, r in results),
