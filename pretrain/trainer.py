@@ -22,8 +22,9 @@ and every random draw of the thinking loop are pure functions of it), the data c
 replay buffer and the non-finite counters. Evaluation and the probe use their own
 generators, so they never change the training trajectory.
 
-Test hook: `EBT_GRAD_FAULT=nan@STEP@RANK` (or `inf@...`) adds NaN/Inf to one gradient of
-rank RANK during optimizer step STEP (1-based), before any synchronisation.
+Test hook: `EBT_GRAD_FAULT=nan@STEPS@RANK` (or `inf@...`; STEPS one step or a comma list)
+adds NaN/Inf to one gradient of rank RANK during those optimizer steps (1-based), before any
+synchronisation.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def _grad_fault(step: int, rank: int) -> Optional[float]:
     spec = os.environ.get(GRAD_FAULT_ENV, "")
     try:
         kind, at, who = spec.split("@")
-        if int(at) == step and int(who) == rank:
+        if step in {int(s) for s in at.split(",")} and int(who) == rank:
             return {"nan": float("nan"), "inf": float("inf")}[kind]
     except (ValueError, KeyError):
         pass
@@ -179,6 +180,9 @@ class Trainer:
         torch.manual_seed(tc.seed)
         model = build_model(cfg.model).to(self.device)
         self.num_params = sum(p.numel() for p in model.parameters())
+        # The optimizer's parameter order by name (an earlier single-process optimizer.pt indexes
+        # by it); read before ZeRO replaces the optimizer's groups with flat partitions.
+        self._optimizer_names = optimizer_param_names(model, build_optimizer(model, cfg))
         self.resume_path = latest_checkpoint(self.run_dir)
         self._resume_meta: Optional[Dict[str, Any]] = None
         if self.resume_path is not None:  # the full weights go in before parallelize slices them
@@ -284,7 +288,7 @@ class Trainer:
     def _resume(self, path: Path, meta: Dict[str, Any]) -> None:
         from parallel.reshard import load_optimizer_moments
 
-        moments, opt_step = read_optimizer_moments(path, meta, optimizer_param_names(self.model, self.optimizer))
+        moments, opt_step = read_optimizer_moments(path, meta, self._optimizer_names)
         load_optimizer_moments(self.pm, moments, opt_step)
         state = read_trainer_state(path, meta)
         probe = meta.get("probe", {})

@@ -41,8 +41,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cli_cache")
+def cache_dir(data_cache) -> Path:
+    return data_cache
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from pretrain.trainer import NonFiniteError, Trainer, build_optimizer, lr_at, tr
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data_cache"))
+def cache_dir(data_cache) -> str:
+    return str(data_cache)
 
 
 def tiny(tmp_path: Path, cache_dir: str, *overrides: str):
