@@ -4,7 +4,8 @@ tests/distributed/test_trainer_layouts.py covers the same through torchrun):
 * a dp=2 and a ZeRO-1 dp=2 run of the full S2 recipe (random 2-3 steps, Langevin noise,
   step-size jitter, replay) reproduce the single-process run: 10 losses and the final
   weights within 1e-5 relative;
-* resume across layouts continues the same trajectory (dp=2 -> 1 process, 1 -> tp=2);
+* resume across layouts continues the same trajectory (dp=2 -> 1 process, 1 -> tp=2,
+  dp=2 -> ZeRO-1);
 * a NaN (and an inf) in one rank's gradient at tp=2, dp=2 and ZeRO-1: the step is skipped on
   every rank, weights and optimizer state bitwise unchanged, logged and counted, and
   `train.max_consecutive_nonfinite` stops the run with a one-line error;
@@ -83,6 +84,14 @@ def _layouts_main(tmp: str, cache: str) -> None:
         weights = full_weights(trainer)
         if rank == 0:
             torch.save(weights, tmp_path / f"{name}.weights.pt")
+            if name == "dp2":  # its step-5 checkpoint, resumed below under ZeRO-1
+                shutil.copytree(tmp_path / name / "checkpoints" / "step_00000005",
+                                tmp_path / "dp2-then-zero1" / "checkpoints" / "step_00000005")
+        dist.barrier()
+    trainer = Trainer(config("s2", tmp_path / "dp2-then-zero1", Path(cache), *S2_TINY, "train.max_steps=10",
+                             "train.checkpoint_every=5", "parallel.dp=2", "parallel.zero_stage=1"), log=quiet)
+    assert trainer.step == 5
+    trainer.run()
     # 1 process -> tp=2: the single run's step-5 checkpoint (copied by the parent), resumed at tp=2
     trainer = Trainer(config("s2", tmp_path / "single-then-tp2", Path(cache), *S2_TINY, "train.max_steps=10",
                              "train.checkpoint_every=5", "parallel.tp=2"), log=quiet)
@@ -106,6 +115,7 @@ def test_dp2_and_zero1_reproduce_one_process_and_resume_across_layouts(tmp_path,
         assert_close_rel(losses(tmp_path / name), want)
         assert_weights_close(torch.load(tmp_path / f"{name}.weights.pt"), want_weights)
     assert_close_rel(losses(tmp_path / "single-then-tp2"), want[5:])
+    assert_close_rel(losses(tmp_path / "dp2-then-zero1"), want[5:])
     # dp=2 -> one process: resume the dp=2 run's step-5 checkpoint here, the next 5 losses match
     resumed = tmp_path / "dp2-then-single"
     (resumed / "checkpoints").mkdir(parents=True)
