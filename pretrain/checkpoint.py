@@ -5,7 +5,7 @@ Layout: `run_dir/checkpoints/step_XXXXXXXX/` holding
                        written at, full shape and tp split dim of every tensor) and per tp
                        rank `model-tp{r}-of-{T}.safetensors` + `optim-tp{r}-of-{T}.safetensors`
                        (AdamW moments by parameter name). One process writes one shard.
-  trainer_state.pt     rank 0: counters, RNG state, the EBT replay buffer (full vocabulary);
+  trainer_state.pt     rank 0: counters and the EBT replay buffer (full vocabulary);
                        layout-free, since training randomness is keyed by sample, not rank
   metadata.json        written last: step, layout, the resolved config, the data cursor, the
                        size and sha256 of every file above, and energies on a fixed probe batch

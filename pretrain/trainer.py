@@ -18,8 +18,9 @@ cross-cutting work in pretrain.callbacks.
 
 Exact resume: everything that decides the next step is in the checkpoint (one reshardable
 format, pretrain.checkpoint): weights and AdamW moments, the step counter (the learning rate
-and every random draw of the thinking loop are pure functions of it), the data cursor, the
-replay buffer and the non-finite counters. Evaluation and the probe use their own
+and every random draw of the thinking loop are pure functions of it, so no generator state
+is needed, and torch's global RNG is not used by training), the data cursor, the replay
+buffer and the non-finite counters. Evaluation and the probe use their own
 generators, so they never change the training trajectory.
 
 Test hook: `EBT_GRAD_FAULT=nan@STEPS@RANK` (or `inf@...`; STEPS one step or a comma list)
@@ -258,8 +259,6 @@ class Trainer:
             "step": self.step,
             "skipped": self.skipped,
             "consecutive_nonfinite": self.consecutive_nonfinite,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             **self.module.state_dict(),  # collective under tp (the replay buffer's full vocabulary)
         }
 
@@ -301,9 +300,6 @@ class Trainer:
                 )
         try:
             self.train_loader.load_state_dict(meta["data"])
-            torch.set_rng_state(state["torch_rng"])
-            if self.device.type == "cuda" and state.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
             self.module.load_state_dict(state)
             self.step = int(state["step"])
             self.skipped = int(state["skipped"])

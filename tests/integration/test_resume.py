@@ -53,8 +53,8 @@ def losses(run_dir: Path) -> dict:
 def final_state(run_dir: Path):
     path = latest_checkpoint(run_dir)
     assert path is not None and path.name == f"step_{MAX_STEPS:08d}"
-    return (load_file(str(path / "model.safetensors")),
-            torch.load(path / "optimizer.pt", weights_only=True),
+    return (load_file(str(path / "model" / "model-tp0-of-1.safetensors")),
+            load_file(str(path / "model" / "optim-tp0-of-1.safetensors")),
             torch.load(path / "trainer_state.pt", weights_only=True))
 
 
@@ -64,10 +64,15 @@ def assert_identical(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    for key, state in oa["state"].items():
-        for field, value in state.items():
-            assert torch.equal(value, ob["state"][key][field]), (key, field)
-    assert torch.equal(sa["generator"], sb["generator"])
+    assert oa.keys() == ob.keys() and oa  # AdamW moments by parameter name
+    for name in oa:
+        assert torch.equal(oa[name], ob[name]), name
+    assert sa.keys() == sb.keys()  # step, counters, RNG state, replay buffer
+    for key in sa:
+        if isinstance(sa[key], torch.Tensor):
+            assert torch.equal(sa[key], sb[key]), key
+        else:
+            assert sa[key] == sb[key], key
 
 
 @pytest.fixture(scope="module")
