@@ -109,6 +109,15 @@ def tokenizer_from_file(path: Path) -> TextTokenizer:
     return TextTokenizer(tok, str(file))
 
 
+def tokenizer_from_json(text: str, where: str) -> TextTokenizer:
+    """A tokenizer from the text of a `tokenizer.json` (`where` names it in messages)."""
+    try:
+        tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as exc:  # the library raises a bare Exception for malformed JSON
+        raise ValueError(f"data.tokenizer: {where} is not a tokenizers JSON file ({exc})") from None
+    return TextTokenizer(tok, where)
+
+
 def load_tokenizer(spec: str, *, sources: Sequence[Source], cache_dir: str) -> TextTokenizer:
     """The tokenizer named by `data.tokenizer`; `bpe:N` is trained on `sources` once and cached."""
     vocab_size = parse_bpe_spec(spec)
