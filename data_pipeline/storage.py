@@ -188,10 +188,17 @@ class _Retrying(Storage):
 
         if len(runs) <= 1 or self.options.threads <= 1:
             return [one(run) for run in runs]
-        pool = self.__dict__.get("_pool")
-        if pool is None:
-            pool = self.__dict__["_pool"] = ThreadPoolExecutor(self.options.threads, thread_name_prefix="ebt-io")
+        pool = self._per_process("_pool", lambda: ThreadPoolExecutor(self.options.threads, thread_name_prefix="ebt-io"))
         return list(pool.map(one, runs))
+
+    def _per_process(self, key: str, make: Any) -> Any:
+        """An object of this process only: a forked DataLoader worker must not share the parent's
+        connections (two processes on one socket read each other's responses) or thread pool."""
+        with self._lock:
+            held = self.__dict__.get(key)
+            if held is None or held[0] != os.getpid():
+                held = self.__dict__[key] = (os.getpid(), make())
+            return held[1]
 
 
 class _Transient(Exception):
@@ -212,9 +219,7 @@ class HttpStorage(_Retrying):
         return self.location + urllib.parse.quote(name)
 
     def _connection(self) -> http.client.HTTPConnection:
-        local = self.__dict__.get("_local")
-        if local is None:
-            local = self.__dict__["_local"] = threading.local()
+        local = self._per_process("_local", threading.local)
         conn = getattr(local, "conn", None)
         if conn is None:
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
@@ -222,8 +227,8 @@ class HttpStorage(_Retrying):
         return conn
 
     def _drop_connection(self) -> None:
-        local = self.__dict__.get("_local")
-        conn = getattr(local, "conn", None) if local is not None else None
+        local = self._per_process("_local", threading.local)
+        conn = getattr(local, "conn", None)
         if conn is not None:
             conn.close()
             local.conn = None
