@@ -15,8 +15,9 @@ from typing import List, Optional
 
 from data_pipeline.build import build_shards
 from data_pipeline.config import DataConfig, default_cache_dir
-from data_pipeline.manifest import SPLITS, load_manifest
-from data_pipeline.shards import ShardError, read_shard
+from data_pipeline.manifest import MANIFEST_FILE, SPLITS, parse_manifest
+from data_pipeline.prepare import storage_for
+from data_pipeline.shards import ShardError, check_size, verify_shard_bytes
 from data_pipeline.sources import resolve_sources
 from data_pipeline.tokenizer import load_tokenizer
 
@@ -59,23 +60,36 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    directory = Path(args.dir)
+    """The scrub: every shard read whole, every member checked, and its sha256 against the manifest."""
     try:
-        manifest = load_manifest(directory)
-    except (ValueError, FileNotFoundError) as exc:
+        prepared_cfg = DataConfig(remote_retries=args.retries)
+        storage = storage_for(args.dir, prepared_cfg)
+        try:
+            text = storage.read(MANIFEST_FILE).decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.path: {args.dir} has no {MANIFEST_FILE}") from None
+        manifest = parse_manifest(text, storage.where(MANIFEST_FILE))
+    except (ValueError, OSError) as exc:
         print(f"ebt data verify: {exc}", file=sys.stderr)
         return 2
     damaged = 0
     for split in SPLITS:
         for info in manifest.shards(split):
+            where = storage.where(info.name)
             try:
-                read_shard(directory / info.name, samples=info.samples, sample_len=manifest.sample_len,
-                           dtype=manifest.dtype, sha256=info.sha256, vocab_size=manifest.vocab_size)
+                check_size(where, storage.size(info.name), samples=info.samples, sample_len=manifest.sample_len,
+                           dtype=manifest.dtype)
+                verify_shard_bytes(storage.read(info.name), where, samples=info.samples, sample_len=manifest.sample_len,
+                                   dtype=manifest.dtype, sha256=info.sha256, vocab_size=manifest.vocab_size)
             except ShardError as err:
                 damaged += 1
                 print(err)
+            except OSError as err:
+                print(f"ebt data verify: {err}", file=sys.stderr)
+                return 2
     total = sum(len(manifest.shards(s)) for s in SPLITS)
-    print(f"{directory}: {total - damaged} of {total} shards intact (manifest {manifest.fingerprint})")
+    print(f"{args.dir}: {total - damaged} of {total} shards intact, {storage.bytes_read:,} bytes checked "
+          f"(manifest {manifest.fingerprint})")
     return 1 if damaged else 0
 
 
@@ -97,8 +111,12 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--cache-dir", default=default_cache_dir(), metavar="D", help="where trained tokenizers are cached")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
-    verify = commands.add_parser("verify", help="check every shard of a directory against its manifest")
-    verify.add_argument("dir", metavar="DIR")
+    verify = commands.add_parser("verify", help="scrub: check every shard of a directory or URL against its manifest",
+                                 description="Reads every shard whole and checks each member and the shard's sha256 "
+                                             "against manifest.json (readers check members only). Exit 1 if any "
+                                             "shard is damaged, one line each.")
+    verify.add_argument("dir", metavar="DIR", help="a dataset folder, an http(s):// URL or an fsspec URL")
+    verify.add_argument("--retries", type=int, default=5, metavar="N", help="retries per remote read (default 5)")
     verify.set_defaults(func=_verify)
 
 
