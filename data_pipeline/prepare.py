@@ -97,7 +97,8 @@ def prepare_dataset(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> P
     if cfg.path is not None:
         return open_dataset(cfg.path, cfg)
     sources = resolve_sources(cfg.sources)
-    tokenizer = load_tokenizer(cfg.tokenizer, sources=sources, cache_dir=cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.tokenizer, sources=sources, cache_dir=cfg.cache_dir, text_field=cfg.text_field,
+                               on_bad_record=cfg.on_bad_record)
     recipe = {
         "format": FORMAT,
         "sources": [[s.name, s.fingerprint] for s in sources],
@@ -105,6 +106,8 @@ def prepare_dataset(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> P
         "seq_len": cfg.seq_len,
         "val_fraction": cfg.val_fraction,
         "shard_size_mb": cfg.shard_size_mb,
+        "text_field": cfg.text_field,
+        "on_bad_record": cfg.on_bad_record,
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cfg.cache_dir).expanduser() / "datasets" / key
@@ -112,7 +115,8 @@ def prepare_dataset(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> P
     def build(tmp: Path) -> None:
         log.info("rank %d/%d: building dataset %s from %s", rank, world_size, key, ", ".join(cfg.sources))
         build_shards(sources, tokenizer, tmp, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
-                     shard_size_mb=cfg.shard_size_mb, progress=rank == 0)
+                     shard_size_mb=cfg.shard_size_mb, progress=rank == 0, text_field=cfg.text_field,
+                     on_bad_record=cfg.on_bad_record)
 
     build_once(final, build, what=f"dataset {key} (rank {rank}/{world_size})")
     return open_dataset(final, cfg)
