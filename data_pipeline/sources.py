@@ -60,7 +60,8 @@ class Document:
 @dataclass(frozen=True)
 class Unit:
     """One task's worth of a source: `docs` (text files or pydoc topics), or a part of one file:
-    decompressed bytes [start, end) of a JSONL file, or row groups [start, end) of a Parquet file."""
+    decompressed bytes [start, end) of a JSONL file, or row groups [start, end) of a Parquet file
+    (consecutive groups up to about UNIT_BYTES; a row group is never split)."""
 
     kind: str
     docs: Tuple[Document, ...]
@@ -173,7 +174,17 @@ def _parquet_groups(path: str, column: str) -> List[Tuple[int, int]]:
     kind = schema.field(column).type
     if not (pat.is_string(kind) or pat.is_large_string(kind)):
         raise ValueError(f"data.text_field: column {column!r} of {path} holds {kind}, not strings")
-    return [(g, g + 1) for g in range(meta.metadata.num_row_groups)]
+    groups: List[Tuple[int, int]] = []
+    size = 0
+    for g in range(meta.metadata.num_row_groups):  # consecutive row groups, about UNIT_BYTES each
+        group_bytes = meta.metadata.row_group(g).total_byte_size
+        if groups and size + group_bytes <= UNIT_BYTES:
+            groups[-1] = (groups[-1][0], g + 1)
+            size += group_bytes
+        else:
+            groups.append((g, g + 1))
+            size = group_bytes
+    return groups
 
 
 def _bad(found: UnitText, message: Callable[[], str], on_bad_record: str) -> bool:
