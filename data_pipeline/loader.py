@@ -108,8 +108,7 @@ class ShardReader:
                 continue
             info = self.infos[shard]
             wanted, back = np.unique(samples[here], return_inverse=True)
-            data = shard_members(self.storage, info.name, self.stride, wanted.tolist(), info.samples)
-            members = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(len(wanted), self.stride)
+            members = shard_members(self.storage, info.name, self.stride, wanted, info.samples)
             tokens = check_members(members, wanted, where=self.storage.where(info.name), sample_len=m.sample_len,
                                    dtype=m.dtype, vocab_size=m.vocab_size)
             out[here] = tokens[back]
@@ -174,7 +173,9 @@ class _RankStream(IterableDataset):
         self.rows = rank_slice(global_batch_size, rank, world_size)
         self.on_bad_shard = on_bad_shard
         per_window = (self.rows.stop - self.rows.start) * member_bytes(manifest.sample_len, manifest.dtype)
-        self.ahead = max(1, readahead_bytes // per_window)
+        # under skip the rows come from whole shards already in memory: reading ahead would only
+        # let them be evicted (and read again) before their windows are served
+        self.ahead = 1 if on_bad_shard == "skip" else max(1, readahead_bytes // per_window)
 
     def _batches(self, reader: ShardReader, mine: List[Window]) -> Iterator[Tuple[torch.Tensor, Window]]:
         shards = np.concatenate([w.shards[self.rows] for w in mine])
@@ -191,13 +192,15 @@ class _RankStream(IterableDataset):
         reader = ShardReader(self.storage, self.manifest, self.split, self.on_bad_shard)
         try:
             mine: List[Window] = []
+            ahead = 1  # then doubling up to self.ahead: the first batch comes after one window's reads
             for k, window in enumerate(windows(self.order, reader, self.start, self.global_batch_size, self.stop)):
                 if k % num_workers == worker:
                     mine.append(window)
-                if len(mine) == self.ahead:
+                if len(mine) == ahead:
                     for tokens, w in self._batches(reader, mine):
                         yield tokens, w.end, w.damaged, None
                     mine = []
+                    ahead = min(2 * ahead, self.ahead)
             if mine:
                 for tokens, w in self._batches(reader, mine):
                     yield tokens, w.end, w.damaged, None

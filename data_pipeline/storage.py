@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 Range = Tuple[int, int]
@@ -373,9 +375,23 @@ def open_storage(location: str, options: RemoteOptions = RemoteOptions(), cache_
     return inner if cache_dir is None else CachedStorage(inner, Path(cache_dir).expanduser())
 
 
-def shard_members(storage: Storage, name: str, stride: int, indices: Sequence[int], count: int,
-                  gap: int = 0) -> List[bytes]:
-    """Members `indices` of shard `name` (member i is bytes [i * stride, (i + 1) * stride))."""
+def member_runs(indices: np.ndarray) -> List[Tuple[int, int]]:
+    """(first, count) of each run of consecutive values in sorted, distinct `indices`."""
+    if not len(indices):
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(indices)]])
+    return [(int(indices[a]), int(b - a)) for a, b in zip(starts, stops)]
+
+
+def shard_members(storage: Storage, name: str, stride: int, indices: np.ndarray, count: int) -> np.ndarray:
+    """Members `indices` (sorted, distinct) of shard `name`, member i being bytes [i * stride, (i + 1) * stride),
+    as a uint8 (len(indices), stride) array; each run of consecutive members is one read."""
     if isinstance(storage, CachedStorage):
-        return storage.read_members(name, stride, indices, count)
-    return storage.read_ranges(name, [(i * stride, stride) for i in indices], gap)
+        data = storage.read_members(name, stride, indices.tolist(), count)
+        return np.frombuffer(b"".join(data), dtype=np.uint8).reshape(len(indices), stride)
+    runs = member_runs(indices)
+    blocks = storage._read_runs(name, [(first * stride, n * stride) for first, n in runs])
+    joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+    return np.frombuffer(joined, dtype=np.uint8).reshape(len(indices), stride)

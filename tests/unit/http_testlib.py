@@ -52,6 +52,7 @@ class RangeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each small answer waits ~40 ms for a delayed ACK
 
             def log_message(self, *args: object) -> None:
                 pass
