@@ -1,13 +1,17 @@
 """Text -> tokens -> packed samples -> webdataset shards + manifest, in one process or on Ray.
 
 The work is two maps whose items are fixed by the data alone, never by the number of workers:
-(1) tokenize groups of whole documents (about `TOKENIZE_TASK_BYTES` of text each), (2) encode each
-planned shard into tar bytes and its sha256. Between them the driver packs every source's token
-stream (each document followed by EOS) into samples of seq_len + 1 tokens taken every seq_len tokens
-(neighbours share one token, so every next-token pair is a target exactly once), holds out the last
-`val_fraction` of each source's samples as the validation split, and cuts shards of about
-`shard_size_mb`. Results come back in submission order and the driver writes every file, so the
-output is byte-identical with 0, 1 or N workers, and workers need no shared file system.
+(1) read and tokenize each unit of each source (sources.py: groups of text files, byte ranges of
+JSONL files, Parquet row groups; every document encoded whole, followed by EOS), (2) encode each
+planned shard into tar bytes and its sha256. The driver appends each unit's tokens, in order, to
+the source's token file on disk, then packs the stream into samples of seq_len + 1 tokens taken
+every seq_len tokens (neighbours share one token, so every next-token pair is a target exactly
+once), holds out the last `val_fraction` of each source's samples as the validation split, and
+cuts shards of about `shard_size_mb`, one at a time from the memory-mapped stream. Memory stays
+bounded by a few units and shards, whatever the corpus size. Results come back in submission
+order and the driver writes every file, so the output is byte-identical with 0, 1 or N workers.
+Workers read their units themselves: on a multi-node cluster the sources must be on a file
+system every node sees at the same path.
 
 With `workers >= 1` the maps run as Ray tasks: on the cluster at `ray_address`, or on a private
 local Ray that this module starts on loopback (node address 127.0.0.2, its own temp dir, token

@@ -4,17 +4,22 @@ The stream is cut into global batches ("windows") of `global_batch_size` healthy
 order from stream position `consumed` on (see order.py). Rank r of W takes rows
 `rank_slice(B, r, W)` of every window; DataLoader worker w of n produces windows w, w+n, w+2n, ...
 and the DataLoader hands them back in that order, so the batches a rank sees do not depend on n.
-Every worker reads the shards its windows touch in full (to verify them) and decodes only its rows.
+A worker reads only its rank's rows: the members of its next windows (up to `data.readahead_mb`),
+one read per run of consecutive members, each member checked (see shards.py), so per-rank I/O is
+its share of the dataset, from local disk, HTTP or fsspec (storage.py).
 
 The cursor is the count of stream positions consumed by all ranks together: it is the same on every
 rank, goes into checkpoints as one integer, and resuming with any rank count, worker count or batch
 size continues at exactly that position. It is tied to the manifest, tokenizer, seed and mixture
 by fingerprints: a mismatch on resume is refused unless `data.allow_manifest_change`.
 
-Damaged shards: with `on_bad_shard="error"` the first one stops the run with its name and the
-kind of damage. With `"skip"` its positions are passed over (a window extends until it holds B
-healthy samples, identically on every rank since all of them verify the same shards); each
-damaged shard is logged once and the samples lost are counted in `skipped_samples`.
+Damaged shards: with `on_bad_shard="error"` the first one found (a missing or short file, a
+member that fails its checks) stops the run with its name and the kind of damage. With `"skip"`
+its positions are passed over (a window extends until it holds B healthy samples). That decision
+must be identical on every rank without any communication, so under `skip` every rank reads and
+checks (sha256 included) every shard its windows touch, as before range reads: the price of
+skipping is whole-dataset I/O per rank. Each damaged shard is logged once and the samples lost are
+counted in `skipped_samples`.
 """
 from __future__ import annotations
 

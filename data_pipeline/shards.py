@@ -5,12 +5,13 @@ with a fixed owner, mode and mtime, so the bytes depend only on the tokens): sam
 the member `STEM-{i:06d}.tokens.npy`, a 1-D `.npy` array of `sample_len` token ids. Any webdataset
 pipeline can read it (`WebDataset(url).decode()` gives `sample["tokens.npy"]`).
 
-Because every member has the same size, the reader does not walk the tar member by member: it views
-the whole file as an (n, member_bytes) array and checks every header at once (tar header checksum,
-name, size, type, `.npy` header, token range), then returns the token block as a zero-copy view.
-That is what makes reading cost a few nanoseconds per token. Damage is reported as a `ShardError`
-naming the shard (and the sample), checked in this order: missing file, truncated tar,
-undecodable sample, sha256 different from the manifest's.
+Because every member has the same size, member i is bytes [i * member_bytes, (i + 1) * member_bytes)
+of the file: a reader fetches just the members it needs (`check_members` checks each one: tar
+header checksum, name, size, type, `.npy` header, token range) and views their tokens without a
+copy. Only the size of the file is checked for the shard as a whole (missing, truncated); the
+shard's sha256 against the manifest is checked where whole shards are read (`verify_shard_bytes`:
+`ebt data verify`, and readers under on_bad_shard=skip). Damage is a one-line `ShardError` naming
+the shard (and the sample).
 """
 from __future__ import annotations
 
