@@ -101,6 +101,23 @@ def test_remote_cache_serves_a_second_pass_from_disk(dataset, tmp_path):
     assert any((tmp_path / "cache" / fingerprint).glob("train-*.tar.have"))
 
 
+def test_the_scrub_reads_a_url_and_names_a_damaged_shard(dataset, tmp_path, capsys):
+    from data_pipeline.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    info = load_manifest(copy).shards("val")[0]
+    data = bytearray((copy / info.name).read_bytes())
+    data[2000] ^= 1  # the padding after member 1's tokens: only the sha256 sees it
+    (copy / info.name).write_bytes(bytes(data))
+    with RangeServer(copy, ["503"], rate=0.3) as server:
+        assert main(["verify", server.url, "--retries", "8"]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged shard {server.url}{info.name}: bad checksum" in out
+    total = sum(len(load_manifest(copy).shards(s)) for s in ("train", "val"))
+    assert f"{total - 1} of {total} shards intact" in out
+
+
 def test_fsspec_url_reads_the_same_stream(dataset):
     local, _ = stream(dataset, world_size=2, batch=8, num_batches=10)
     via_fsspec, _ = stream(f"file://{dataset}", world_size=2, batch=8, num_batches=10, num_workers=1)
