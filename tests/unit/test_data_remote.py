@@ -11,7 +11,7 @@ import pytest
 from data_pipeline import DataConfig, make_loader, open_dataset
 from data_pipeline.build import build_shards
 from data_pipeline.manifest import load_manifest
-from data_pipeline.shards import END_OF_ARCHIVE, ShardError
+from data_pipeline.shards import END_OF_ARCHIVE, ShardError, read_shard
 from data_pipeline.sources import resolve_sources
 from data_pipeline.storage import RemoteReadError, coalesce
 from data_pipeline.tokenizer import train_bpe
@@ -116,6 +116,19 @@ def test_the_scrub_reads_a_url_and_names_a_damaged_shard(dataset, tmp_path, caps
     assert f"damaged shard {server.url}{info.name}: bad checksum" in out
     total = sum(len(load_manifest(copy).shards(s)) for s in ("train", "val"))
     assert f"{total - 1} of {total} shards intact" in out
+
+
+def test_a_plain_webdataset_pipeline_reads_our_shards_over_http(dataset):
+    """webdataset (its curl URL opener and tar reader) sees standard samples: the same tokens."""
+    wds = pytest.importorskip("webdataset", reason="webdataset is in the `dev` extra")
+    manifest = load_manifest(dataset)
+    info = manifest.shards("train")[1]
+    expected = read_shard(dataset / info.name, samples=info.samples, sample_len=manifest.sample_len,
+                          dtype=manifest.dtype, sha256=info.sha256, vocab_size=manifest.vocab_size)
+    with RangeServer(dataset) as server:
+        samples = list(wds.WebDataset(server.url + info.name, shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == [f"{info.name[:-4]}-{i:06d}" for i in range(info.samples)]
+    assert all((s["tokens.npy"] == row).all() for s, row in zip(samples, expected))
 
 
 def test_fsspec_url_reads_the_same_stream(dataset):
