@@ -190,12 +190,36 @@ class _RankStream(IterableDataset):
         for k, window in enumerate(mine):
             yield torch.from_numpy(rows[k * per:(k + 1) * per]), window
 
+    def _rank_positions(self, reader: ShardReader, worker: int, num_workers: int) -> Iterator[Tuple[torch.Tensor, int]]:
+        """Under on_bad_shard=error every window is exactly B consecutive positions (damage stops
+        the run), so the rank locates just its own rows of its next windows, in one vector call."""
+        size, per = self.global_batch_size, self.rows.stop - self.rows.start
+        columns = np.arange(self.rows.start, self.rows.stop, dtype=np.int64)
+        first, ahead = worker, 1
+        while True:
+            ks = first + num_workers * np.arange(ahead, dtype=np.int64)
+            if self.stop is not None:  # a last partial window is left out
+                ks = ks[self.start + (ks + 1) * size <= self.stop]
+                if not len(ks):
+                    return
+            shards, samples = self.order.locate_at((self.start + ks[:, None] * size + columns).ravel())
+            for shard in np.unique(shards).tolist():
+                reader.healthy(shard)
+            rows = reader.rows(shards, samples)
+            for j, k in enumerate(ks.tolist()):
+                yield torch.from_numpy(rows[j * per:(j + 1) * per]), self.start + (k + 1) * size
+            first, ahead = int(ks[-1]) + num_workers, min(2 * ahead, self.ahead)
+
     def __iter__(self) -> Iterator[Tuple[Optional[torch.Tensor], int, Tuple[Tuple[str, str], ...],
                                          Optional[Tuple[str, Tuple[str, ...]]]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = ShardReader(self.storage, self.manifest, self.split, self.on_bad_shard)
         try:
+            if self.on_bad_shard == "error":
+                for tokens, end in self._rank_positions(reader, worker, num_workers):
+                    yield tokens, end, (), None
+                return
             mine: List[Window] = []
             ahead = 1  # then doubling up to self.ahead: the first batch comes after one window's reads
             for k, window in enumerate(windows(self.order, reader, self.start, self.global_batch_size, self.stop)):
