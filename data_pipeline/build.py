@@ -7,7 +7,7 @@ planned shard into tar bytes and its sha256. The driver appends each unit's toke
 the source's token file on disk, then packs the stream into samples of seq_len + 1 tokens taken
 every seq_len tokens (neighbours share one token, so every next-token pair is a target exactly
 once), holds out the last `val_fraction` of each source's samples as the validation split, and
-cuts shards of about `shard_size_mb`, one at a time from the memory-mapped stream. Memory stays
+cuts shards of about `shard_size_mb`, reading the stream back one shard at a time. Memory stays
 bounded by a few units and shards, whatever the corpus size. Results come back in submission
 order and the driver writes every file, so the output is byte-identical with 0, 1 or N workers.
 Workers read their units themselves: on a multi-node cluster the sources must be on a file
@@ -289,10 +289,9 @@ def _build_into(sources: Sequence[Source], tokenizer: TextTokenizer, out_dir: Pa
         for i, source in enumerate(sources):
             token_file = out_dir / f".tokens-s{i:02d}.bin"
             stats = _tokenize_source(ex, tok_json, tokenizer, source, i, token_file, text_field, on_bad_record, progress)
-            stream = np.memmap(token_file, dtype=dtype, mode="r") if stats["tokens"] else np.zeros(0, dtype)
-            n = num_samples(len(stream), seq_len)
+            n = num_samples(stats["tokens"], seq_len)
             if n == 0:
-                raise ValueError(f"data.sources: {source.name} has {len(stream)} tokens ({stats['documents']} documents), "
+                raise ValueError(f"data.sources: {source.name} has {stats['tokens']} tokens ({stats['documents']} documents), "
                                  f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
             n_val = num_val_samples(n, val_fraction)
             plan = []
@@ -301,17 +300,20 @@ def _build_into(sources: Sequence[Source], tokenizer: TextTokenizer, out_dir: Pa
                     plan.append((split, f"{split}-s{i:02d}-{k:05d}", first, min(first + per_shard, hi)))
 
             def shard_args() -> Iterator[Tuple[np.ndarray, str]]:
-                for split, stem, first, stop in plan:
-                    rows = sample_rows(stream, first, stop, seq_len)
-                    if split == "train":
-                        counts[:] += np.bincount(rows[:, 1:].ravel(), minlength=tokenizer.vocab_size)
-                    yield rows, stem
+                # read, not memory-mapped: mapped pages of the token file would count as resident
+                with open(token_file, "rb") as f:
+                    for split, stem, first, stop in plan:
+                        f.seek(first * seq_len * dtype.itemsize)
+                        part = np.fromfile(f, dtype=dtype, count=(stop - first) * seq_len + 1)
+                        rows = sample_rows(part, 0, stop - first, seq_len)
+                        if split == "train":
+                            counts[:] += np.bincount(rows[:, 1:].ravel(), minlength=tokenizer.vocab_size)
+                        yield rows, stem
 
             with tqdm(total=len(plan), desc=f"write shards {i}", unit="shard", disable=not progress) as bar:
                 for (split, stem, first, stop), (data, sha) in zip(plan, ex.map(encode_shard, shard_args(), bar)):
                     (out_dir / f"{stem}.tar").write_bytes(data)
                     shard_infos[split].append(ShardInfo(f"{stem}.tar", i, stop - first, len(data), sha))
-            del stream
             token_file.unlink()
             meta = {"name": source.name, "fingerprint": source.fingerprint, "documents": stats["documents"],
                     "tokens": stats["tokens"], "dropped_tokens": stats["tokens"] - (n * seq_len + 1),

@@ -32,7 +32,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIX = ".parquet"
 UNIT_BYTES = 8 * 2**20
 """Text per unit of a plain file (text files are grouped up to it; JSONL files cut at it)."""
-COMPRESSED_UNIT_BYTES = 64 * 2**20
+COMPRESSED_UNIT_BYTES = 32 * 2**20
 """Decompressed text per unit of a compressed JSONL file (larger: each unit decompresses its prefix)."""
 
 
