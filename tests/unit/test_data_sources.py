@@ -173,4 +173,6 @@ def test_builder_memory_does_not_grow_with_the_corpus(docs, tokenizer, tmp_path)
                              cwd=REPO, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         growth[mode] = json.loads(run.stdout)
-    assert growth["stream"] < 0.25 * text_bytes < growth["hold"], growth
+    # streamed: the build stays below the peak of the imports (~0 growth measured); holding the
+    # corpus and its encodings at once grows by ~30x the text (~175 MB measured)
+    assert growth["stream"] < 2 * text_bytes < growth["hold"], growth
