@@ -54,8 +54,8 @@ def is_url(location: str) -> bool:
     return len(scheme) > 1 and "://" in str(location)
 
 
-def coalesce(ranges: Sequence[Range], gap: int = 0) -> List[Tuple[int, int, List[int]]]:
-    """Merge ranges (after sorting) that touch or are at most `gap` bytes apart into larger reads.
+def coalesce(ranges: Sequence[Range]) -> List[Tuple[int, int, List[int]]]:
+    """Merge ranges (after sorting) that touch or overlap into larger reads.
 
     Returns (offset, length, indices of the input ranges inside it) per merged read.
     """
@@ -63,7 +63,7 @@ def coalesce(ranges: Sequence[Range], gap: int = 0) -> List[Tuple[int, int, List
     merged: List[Tuple[int, int, List[int]]] = []
     for i in order:
         off, length = ranges[i]
-        if merged and off <= merged[-1][0] + merged[-1][1] + gap:
+        if merged and off <= merged[-1][0] + merged[-1][1]:
             start, size, members = merged[-1]
             merged[-1] = (start, max(size, off + length - start), members + [i])
         else:
@@ -97,9 +97,9 @@ class Storage:
     def _read_runs(self, name: str, runs: Sequence[Range]) -> List[bytes]:
         raise NotImplementedError
 
-    def read_ranges(self, name: str, ranges: Sequence[Range], gap: int = 0) -> List[bytes]:
+    def read_ranges(self, name: str, ranges: Sequence[Range]) -> List[bytes]:
         """The bytes of each range of `name` (in the order given), read as coalesced runs."""
-        merged = coalesce(ranges, gap)
+        merged = coalesce(ranges)
         runs = self._read_runs(name, [(off, length) for off, length, _ in merged])
         out: List[bytes] = [b""] * len(ranges)
         for (start, _, members), data in zip(merged, runs):

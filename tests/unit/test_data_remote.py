@@ -153,4 +153,4 @@ def test_each_rank_reads_its_share_of_the_bytes(dataset, world_size):
 
 def test_coalesce_merges_touching_ranges_only():
     assert coalesce([(100, 10), (0, 50), (50, 50), (200, 5)]) == [(0, 110, [1, 2, 0]), (200, 5, [3])]
-    assert coalesce([(0, 10), (20, 10)], gap=10) == [(0, 30, [0, 1])]
+    assert coalesce([(0, 10), (20, 10)]) == [(0, 10, [0]), (20, 10, [1])]
