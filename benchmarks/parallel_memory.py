@@ -24,13 +24,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))  # the parity harness's recipes
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from parallel.apply import ParallelSettings, parallelize  # noqa: E402
 from parallel.dims import build_dims  # noqa: E402
-from parallel.testing import recipe, run_distributed  # noqa: E402
+from parallel.spawn import run_distributed  # noqa: E402
+from parity import recipe  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.thinking import unroll  # noqa: E402
 

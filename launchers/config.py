@@ -309,11 +309,13 @@ def plan_launch(backend: str, config: Optional[str], overrides: Sequence[str] = 
         )
     extra: List[str] = []
     if _explicit(run_items, "parallel.dp") or _explicit(lc.overrides, "parallel.dp"):
-        if tp * probe.parallel.dp != world:
-            raise LaunchError(
-                f"parallel.tp={tp} x parallel.dp={probe.parallel.dp} = {tp * probe.parallel.dp} processes, but the "
-                f"layout launches {world} (nodes={lc.nodes} x procs_per_node={ppn}); drop parallel.dp to derive it"
-            )
+        from parallel.dims import LayoutError, validate_layout
+
+        try:
+            validate_layout(tp, probe.parallel.dp, 1, world)
+        except LayoutError as err:
+            raise LaunchError(f"{err} (the launch has nodes={lc.nodes} x procs_per_node={ppn}; drop parallel.dp "
+                              "to derive it)") from None
     elif probe.parallel.dp != world // tp:
         extra.append(f"parallel.dp={world // tp}")
     run_dir = lc.run_dir or probe.run_dir

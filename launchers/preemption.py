@@ -98,3 +98,18 @@ def reset() -> None:
         signal.signal(signum, signal.SIG_DFL)
     _installed.clear()
     _received.clear()
+
+
+def preemption_callback():
+    """The trainer callback the `ebt` entry point injects: after every optimizer step, if any
+    rank was signalled, checkpoint (collectively) and raise `Preempted`."""
+    from pretrain.callbacks import Callback
+
+    class PreemptionCallback(Callback):
+        def on_step_end(self, trainer, event) -> None:
+            if stop_requested(trainer.device):
+                path = trainer.save(reason="preempted")
+                trainer.log(f"preempted: checkpoint {path}; exiting to be requeued")
+                raise Preempted(trainer.step, path)
+
+    return PreemptionCallback()

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .checkpointing import apply_activation_checkpointing
-from .dims import ParallelDims
+from .dims import ParallelDims, single_process_dims
 from .grads import DataParallelGrads, broadcast_parameters, clip_grad_norm_
 from .tensor import tensor_parallelize
 from .zero import build_zero_engine, check_zero_stage
@@ -108,6 +108,49 @@ class ParallelModel:
         """One scalar-loss backward (a Transformer++ micro-batch, or an unroll without per-step backward)."""
         self.backward_fn(sync)([loss], None, True)
 
+    def local_grad_sq(self) -> torch.Tensor:
+        """Sum of squares (float64, on the CPU) of the gradients this rank holds after the
+        step's synchronisation: the full gradients (zero_stage 0) or this rank's ZeRO
+        partition. NaN/Inf anywhere on any rank shows up in the world sum of these, which is
+        what the trainer's non-finite guard reduces (before any optimizer step)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for grad in self._local_grads():
+            total += grad.detach().double().pow(2).sum().cpu()
+        return total
+
+    def _local_grads(self) -> List[torch.Tensor]:
+        if self.engine is None:
+            return [p.grad for p in self.params if p.grad is not None]
+        out: List[torch.Tensor] = []
+        for group in getattr(self.engine.optimizer, "averaged_gradients", {}).values():
+            if group is None:
+                continue
+            flat = getattr(group, "flat_partition", None)
+            if flat is not None:
+                out.append(flat)
+            elif isinstance(group, torch.Tensor):
+                out.append(group)
+            else:
+                out.extend(g for g in group if g is not None)
+        return out
+
+    def skip_step(self) -> None:
+        """Drops this step's gradients without touching weights or optimizer state (the
+        non-finite guard's skip). Under ZeRO it clears DeepSpeed's reduced partitions the way
+        DeepSpeed's own overflow path does, so the next step starts clean."""
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        zero = self.engine.optimizer
+        self.engine.zero_grad()
+        for key in list(getattr(zero, "averaged_gradients", {}).keys()):
+            zero.averaged_gradients[key] = None
+            if hasattr(zero, "all_grad_tensors"):
+                zero.all_grad_tensors[key] = None
+        release = getattr(zero, "_release_preflattened_grad_buffers", None)
+        if release is not None:
+            release()
+
     def clip_and_step(self, max_norm: Optional[float]) -> torch.Tensor:
         """Global-norm clipping (over the full, unsharded model) and the optimizer step;
         clears the gradients. Returns the norm before clipping. Under ZeRO the clip value
@@ -118,6 +161,7 @@ class ParallelModel:
             self.optimizer.zero_grad(set_to_none=True)
             return norm
         self.engine.step()
+        _relink_zero_optimizer_state(self.engine.optimizer)
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
@@ -126,6 +170,27 @@ class ParallelModel:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.engine.zero_grad()
+
+
+def _relink_zero_optimizer_state(zero) -> None:
+    """DeepSpeed 0.19.8 links each parameter's view of the AdamW state after the *first*
+    parameter group's first step, before the other groups have any state: parameters of
+    later groups (the norms, alpha) are never linked, and reading their state (checkpoints)
+    fails with "exp_avg not found in optimizer state fragment". Relink once every group has
+    stepped."""
+    if getattr(zero, "_ebt_state_relinked", False) or not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        return
+    base = zero.optimizer
+    if all(group in base.state and base.state[group] for group in zero.single_partition_of_fp32_groups):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+        zero._ebt_state_relinked = True
+
+
+def single_process(module: nn.Module, optimizer: torch.optim.Optimizer) -> ParallelModel:
+    """A world of one around an existing model and optimizer (what `parallelize` gives at
+    tp = dp = 1 without a process group)."""
+    return ParallelModel(module, single_process_dims(), optimizer, None, 0)
 
 
 def parallelize(

@@ -121,6 +121,11 @@ def build_dims(tp: int = 1, dp: Optional[int] = None, pp: int = 1) -> ParallelDi
     return dims
 
 
+def single_process_dims() -> ParallelDims:
+    """The layout of one process, whether or not torch.distributed is initialised."""
+    return ParallelDims(tp=1, dp=1, pp=1, world_size=1, rank=0, tp_ranks=[0], dp_ranks=[0])
+
+
 def check_model_fits(dims: ParallelDims, num_heads: int, vocab_size: int, ffn_hidden: int) -> None:
     """Derived invariants of tensor parallelism, with the key to change."""
     if num_heads % dims.tp:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .dims import ParallelDims
-from .tensor import tp_shard_dim
+from .plan import tp_shard_dim
 
 DEFAULT_BUCKET_ELEMENTS = 2**25
 """Elements per flat all-reduce bucket (128 MiB of float32): a bounded extra buffer."""
@@ -101,9 +101,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: Optional[float], dims: ParallelD
     head) are identical on every tp rank and counted once. Call after the dp all-reduce.
     Returns the norm before clipping, in the gradients' dtype."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-    is_tp = getattr(model, "tp_dims", None) is not None
+    is_tp = dims.tp > 1
     sharded, replicated = grad_norm_sq_parts(named if is_tp else [("", p) for _, p in named])
-    if is_tp and dims.tp > 1:
+    if is_tp:
         dist.all_reduce(sharded, group=dims.tp_group)
     norm = torch.sqrt(sharded + replicated)
     if max_norm is not None and max_norm > 0 and math.isfinite(float(norm)):

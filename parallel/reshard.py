@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from .apply import ParallelModel
 from .dims import ParallelDims
-from .tensor import full_width, gather_dim, shard_range, tp_shard_dim
+from .plan import full_width, tp_shard_dim
+from .tensor import gather_dim, shard_range
 
 LAYOUT_FILE = "parallel.json"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -163,11 +164,16 @@ def gather_full_model_state(module: nn.Module, dims: ParallelDims) -> Dict[str, 
 
 
 def load_optimizer_state(pm: ParallelModel, folder: str | Path) -> int:
-    """Loads AdamW moments (resliced for this layout) and the step count into a freshly
-    parallelized model's optimizer. Returns the optimizer step."""
-    layout = read_layout(folder)
-    step = int(layout["optimizer_step"])
-    full = load_full_optimizer_state(folder)
+    """Loads AdamW moments (resliced for this layout) and the step count from a shard folder
+    into a freshly parallelized model's optimizer. Returns the optimizer step."""
+    step = int(read_layout(folder)["optimizer_step"])
+    load_optimizer_moments(pm, load_full_optimizer_state(folder), step)
+    return step
+
+
+def load_optimizer_moments(pm: ParallelModel, full: Dict[str, torch.Tensor], step: int) -> None:
+    """Full (unsharded) AdamW moments {"<param>.exp_avg": t, ...} into the optimizer of `pm`
+    (any layout): each rank takes its tp slice; under ZeRO DeepSpeed keeps its dp partition."""
     named = [(n, p) for n, p in pm.module.named_parameters() if p.requires_grad]
     if pm.engine is None:
         for name, p in named:
@@ -178,7 +184,7 @@ def load_optimizer_state(pm: ParallelModel, folder: str | Path) -> int:
                 "step": torch.tensor(float(step)),
                 **{k: local_slice(name, full[f"{name}.{k}"], pm.dims).to(p).clone() for k in ADAM_KEYS},
             }
-        return step
+        return
     from deepspeed.utils import safe_set_full_optimizer_state
 
     zero = pm.engine.optimizer
@@ -188,9 +194,10 @@ def load_optimizer_state(pm: ParallelModel, folder: str | Path) -> int:
     for group in zero.single_partition_of_fp32_groups:
         base.state[group] = {"step": torch.tensor(float(step)),
                              **{k: torch.zeros_like(group) for k in ADAM_KEYS}}
+    zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
+    zero._ebt_state_relinked = True
     for name, p in named:
         for key in ADAM_KEYS:
             if f"{name}.{key}" in full:
                 safe_set_full_optimizer_state(p, local_slice(name, full[f"{name}.{key}"], pm.dims).to(p), key)
-    return step

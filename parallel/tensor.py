@@ -26,8 +26,6 @@ Vocabulary shards may be uneven (rank r holds `shard_range(V, tp, r)`), so no pa
 """
 from __future__ import annotations
 
-import re
-import types
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -40,6 +38,7 @@ from pretrain.model.layers import apply_rope
 from pretrain.model.transformer_pp import TransformerPP
 
 from .dims import ParallelDims, check_model_fits
+from .plan import full_width, tp_shard_dim  # noqa: F401 - re-exported
 
 Group = Optional[dist.ProcessGroup]
 
@@ -110,35 +109,12 @@ def _slice(weight: torch.Tensor, dim: int, dims: ParallelDims) -> nn.Parameter:
     return nn.Parameter(piece, requires_grad=weight.requires_grad)
 
 
-# Which parameters are sharded over tp, and along which tensor dim. A pure function of the
-# name, so checkpoints can be gathered and resliced without building a model.
-_SHARD_RULES = (
-    (re.compile(r"(^|\.)tok_embeddings\.weight$"), 0),
-    (re.compile(r"(^|\.)cand_embed\.weight$"), 1),
-    (re.compile(r"(^|\.)lm_head\.weight$"), 0),
-    (re.compile(r"\.attn\.w[qkv]\.weight$"), 0),
-    (re.compile(r"\.attn\.wo\.weight$"), 1),
-    (re.compile(r"\.ffn\.w_(gate|up)\.weight$"), 0),
-    (re.compile(r"\.ffn\.w_down\.weight$"), 1),
-)
-
-
-def tp_shard_dim(name: str) -> Optional[int]:
-    """The tensor dim along which parameter `name` is split over tp, or None (replicated)."""
-    for pattern, dim in _SHARD_RULES:
-        if pattern.search(name):
-            return dim
-    return None
-
-
-def full_width(name: str, cfg) -> int:
-    """The unsharded size of the tp-split dim of parameter `name` (a local slice alone cannot
-    tell an uneven split apart)."""
-    if re.search(r"(tok_embeddings|cand_embed|lm_head)\.weight$", name):
-        return cfg.vocab_size
-    if ".ffn." in name:
-        return cfg.ffn_hidden
-    return cfg.dim
+def _slice_param(weight: torch.Tensor, name: str, dims: ParallelDims) -> nn.Parameter:
+    """This rank's slice of full parameter `name`, along the dim the plan gives."""
+    dim = tp_shard_dim(name)
+    if dim is None:
+        raise KeyError(f"{name}: not in the tensor-parallel plan (parallel.plan.TP_PLAN)")
+    return _slice(weight, dim, dims)
 
 
 # -- layers -----------------------------------------------------------------------------------
@@ -147,13 +123,13 @@ class TPAttention(nn.Module):
     (its input columns). Same method names as pretrain.model.layers.Attention, so Block runs
     unchanged; one f per call covers q, k and v."""
 
-    def __init__(self, full: nn.Module, dims: ParallelDims) -> None:
+    def __init__(self, full: nn.Module, dims: ParallelDims, prefix: str) -> None:
         super().__init__()
         self.group = dims.tp_group
         self.num_heads = full.num_heads // dims.tp
-        for name in ("wq", "wk", "wv"):
-            setattr(self, name, _linear_from(_slice(getattr(full, name).weight, 0, dims)))
-        self.wo = _linear_from(_slice(full.wo.weight, 1, dims))
+        for name in ("wq", "wk", "wv", "wo"):
+            weight = getattr(full, name).weight
+            setattr(self, name, _linear_from(_slice_param(weight, f"{prefix}.{name}.weight", dims)))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -177,12 +153,12 @@ class TPAttention(nn.Module):
 class TPSwiGLU(nn.Module):
     """SwiGLU hidden units split over tp: w_gate/w_up column-parallel, w_down row-parallel."""
 
-    def __init__(self, full: nn.Module, dims: ParallelDims) -> None:
+    def __init__(self, full: nn.Module, dims: ParallelDims, prefix: str) -> None:
         super().__init__()
         self.group = dims.tp_group
-        self.w_gate = _linear_from(_slice(full.w_gate.weight, 0, dims))
-        self.w_up = _linear_from(_slice(full.w_up.weight, 0, dims))
-        self.w_down = _linear_from(_slice(full.w_down.weight, 1, dims))
+        for name in ("w_gate", "w_up", "w_down"):
+            weight = getattr(full, name).weight
+            setattr(self, name, _linear_from(_slice_param(weight, f"{prefix}.{name}.weight", dims)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp(x, self.group)
@@ -203,7 +179,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.group = dims.tp_group
         self.start, self.end = shard_range(full.weight.shape[0], dims.tp, dims.tp_rank)
-        self.weight = _slice(full.weight, 0, dims)
+        self.weight = _slice_param(full.weight, "tok_embeddings.weight", dims)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         inside = (ids >= self.start) & (ids < self.end)
@@ -219,7 +195,7 @@ class VocabParallelCandidateEmbedding(nn.Module):
     def __init__(self, full: nn.Linear, dims: ParallelDims) -> None:
         super().__init__()
         self.group = dims.tp_group
-        self.weight = _slice(full.weight, 1, dims)
+        self.weight = _slice_param(full.weight, "cand_embed.weight", dims)
 
     def forward(self, probs_local: torch.Tensor) -> torch.Tensor:
         return reduce_from_tp(F.linear(probs_local, self.weight), self.group)
@@ -232,7 +208,7 @@ class VocabParallelLMHead(nn.Module):
     def __init__(self, full: nn.Linear, dims: ParallelDims) -> None:
         super().__init__()
         self.group = dims.tp_group
-        self.weight = _slice(full.weight, 0, dims)
+        self.weight = _slice_param(full.weight, "lm_head.weight", dims)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(h, self.group), self.weight)
@@ -249,8 +225,24 @@ class VocabParallel:
         self.tp = dims.tp
         self.start, self.end = shard_range(vocab_size, dims.tp, dims.tp_rank)
 
+    @property
+    def local_size(self) -> int:
+        return self.end - self.start
+
+    def local_width(self, vocab_size: int) -> int:
+        return self.local_size
+
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         return full[..., self.start : self.end]
+
+    def as_local(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-V logits sliced to this rank's V-slice; a slice passes through."""
+        return self.shard(logits) if logits.shape[-1] == self.vocab_size != self.local_size else logits
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """A replicated value consumed by V-sharded arithmetic (the step size alpha times the
+        sharded dE/dp): its gradient is partial on every rank, so f."""
+        return copy_to_tp(x, self.group)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax over the full V in at least float32. Z feeds sharded arithmetic, so it
@@ -294,24 +286,14 @@ def gather_dim(local: torch.Tensor, dim: int, full_size: int, group: Group, part
 
 
 # -- in-place conversion ---------------------------------------------------------------------------
-def _tp_effective_step_size(self) -> torch.Tensor:
-    # alpha multiplies the V-sharded dE/dp: its gradient is partial per rank, so f.
-    return copy_to_tp(self.step_size.clamp(min=self.cfg.step_size_min), self.vocab_ops.group)
-
-
-def _tp_energy(self, context_ids: torch.Tensor, candidate_logits: torch.Tensor, step: int = 0) -> torch.Tensor:
-    """E(x, y) accepting full-V logits (sliced here) or this rank's V-slice."""
-    if candidate_logits.shape[-1] == self.vocab_size:
-        candidate_logits = self.vocab_ops.shard(candidate_logits)
-    probs = self.vocab_ops.probs(candidate_logits)
-    return self.energy_from_probs(self.prepare(context_ids, step), probs, step)
-
-
 def tensor_parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
-    """Converts a full EnergyTransformer or TransformerPP to this rank's tp shard, in place.
+    """Converts a full EnergyTransformer or TransformerPP to this rank's tp shard, in place:
+    its blocks' attention and SwiGLU, the embeddings and the candidate/vocabulary operations
+    (`model.vocab_ops`, the model's one seam for V-sharded arithmetic) are replaced by their
+    tp forms; the model's own methods are untouched.
 
     Every rank must hold the same full weights first (same seed, or a loaded checkpoint);
-    parameter names are unchanged, sharded ones just hold their slice (see `tp_shard_dim`).
+    parameter names are unchanged, sharded ones just hold their slice (parallel.plan).
     tp == 1 returns the model untouched."""
     if dims.tp == 1:
         return model
@@ -319,23 +301,13 @@ def tensor_parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
         raise TypeError(f"tensor_parallelize: unsupported model {type(model).__name__}")
     cfg = model.cfg
     check_model_fits(dims, cfg.num_heads, cfg.vocab_size, cfg.ffn_hidden)
-    for block in model.layers:
-        block.attn = TPAttention(block.attn, dims)
-        block.ffn = TPSwiGLU(block.ffn, dims)
+    for i, block in enumerate(model.layers):
+        block.attn = TPAttention(block.attn, dims, f"layers.{i}.attn")
+        block.ffn = TPSwiGLU(block.ffn, dims, f"layers.{i}.ffn")
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, dims)
     model.vocab_ops = VocabParallel(cfg.vocab_size, dims)
     if isinstance(model, EnergyTransformer):
         model.cand_embed = VocabParallelCandidateEmbedding(model.cand_embed, dims)
-        model.effective_step_size = types.MethodType(_tp_effective_step_size, model)
-        model.energy = types.MethodType(_tp_energy, model)
     else:
         model.lm_head = VocabParallelLMHead(model.lm_head, dims)
-    model.tp_dims = dims
     return model
-
-
-def shard_dims_of(model: nn.Module) -> Dict[str, int]:
-    """{parameter name: sharded dim} for the tp-sharded parameters of a converted model."""
-    if getattr(model, "tp_dims", None) is None:
-        return {}
-    return {n: d for n, _ in model.named_parameters() if (d := tp_shard_dim(n)) is not None}

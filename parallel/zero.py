@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .dims import LayoutError, ParallelDims
 from .grads import broadcast_parameters
-from .tensor import tp_shard_dim
+from .plan import tp_shard_dim
 
 ZERO_STAGES = (0, 1, 2)
 

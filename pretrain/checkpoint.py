@@ -1,22 +1,30 @@
-"""Atomic, self-describing checkpoints and their validation (single process for now).
+"""Atomic, self-describing, reshardable checkpoints: one format for every layout.
 
 Layout: `run_dir/checkpoints/step_XXXXXXXX/` holding
-  model.safetensors    the model's state dict
-  optimizer.pt         the optimizer's state dict (torch.save; loads with weights_only=True)
-  trainer_state.pt     RNG states, replay buffer, counters (same)
+  model/               parallel.reshard's layout-independent shards: `parallel.json` (layout
+                       written at, full shape and tp split dim of every tensor) and per tp
+                       rank `model-tp{r}-of-{T}.safetensors` + `optim-tp{r}-of-{T}.safetensors`
+                       (AdamW moments by parameter name). One process writes one shard.
+  trainer_state.pt     rank 0: counters, RNG state, the EBT replay buffer (full vocabulary);
+                       layout-free, since training randomness is keyed by sample, not rank
   metadata.json        written last: step, layout, the resolved config, the data cursor, the
                        size and sha256 of every file above, and energies on a fixed probe batch
-A checkpoint is written into `checkpoints/.tmp-step_XXXXXXXX-<pid>/` and renamed when
-complete, so a crash while saving leaves at most a temporary folder, which is not a
-checkpoint (neither is any folder without metadata.json) and is removed by the next save.
+Any layout (one process, tp, dp, ZeRO) resumes any other: the full weights are read before
+`parallelize` slices them, the AdamW moments are resliced after (`load_optimizer_moments`).
+Checkpoints of earlier versions of this repository (single process: model.safetensors +
+optimizer.pt + trainer_state.pt; multi-process: trainer_state_rankNNNNN.pt) still load.
+
+Durability: a checkpoint is written into `checkpoints/.tmp-step_XXXXXXXX-collective/`, every
+file and every directory written is fsynced, metadata.json is written last and the folder
+renamed when complete, so a crash leaves at most a temporary folder (never a checkpoint:
+neither is any folder without metadata.json); `clean_stale` removes those at start.
+Re-saving a step renames the old folder to `step_XXXXXXXX.replaced` first, which
+`list_checkpoints` accepts while `step_XXXXXXXX` is missing: there is no moment without a
+loadable checkpoint.
 
 Loading validates everything (metadata, sizes, checksums, tensor names and shapes) before it
 touches the model or the optimizer, and raises `CheckpointError` with a one-line message
 naming the file. Loading never changes anything on disk.
-
-Multi-process runs write the same folder collectively (pretrain/distributed.py): the model and
-optimizer as layout-independent shards under `model/` (parallel.reshard) and one
-`trainer_state_rankNNNNN.pt` per rank; metadata.json lists and checksums every file.
 
 Test hook: with the environment variable `EBT_CHECKPOINT_FAULT=kill@STEP` the process
 SIGKILLs itself in the middle of saving step STEP (model written, metadata not yet).
@@ -40,8 +48,11 @@ FORMAT_VERSION = 1
 METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+"""Earlier single-process checkpoints: the torch optimizer state dict (read, never written)."""
 STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+SHARDS_DIR = "model"
+_STEP_DIR = re.compile(r"^step_(\d{8,})(\.replaced)?$")
+REPLACED = ".replaced"
 FAULT_ENV = "EBT_CHECKPOINT_FAULT"
 
 
@@ -58,12 +69,15 @@ def list_checkpoints(run_dir: str | Path) -> List[Tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
+    found: Dict[int, Path] = {}
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
         match = _STEP_DIR.match(child.name)
         if match and child.is_dir() and (child / METADATA).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+            step = int(match.group(1))
+            # step_N wins over step_N.replaced (the copy kept while step_N is re-saved)
+            if step not in found or not match.group(2):
+                found[step] = child
+    return sorted(found.items())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -98,33 +112,74 @@ def _fault(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def clean_stale(run_dir: str | Path) -> None:
+    """Removes what an interrupted save left (temporary folders), and finishes an interrupted
+    re-save: `step_N.replaced` goes back to `step_N` if that is missing, else away. Rank 0
+    calls it at start, before any rank reads or writes checkpoints."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(f"step_*{REPLACED}"):
+        current = root / old.name[: -len(REPLACED)]
+        if current.is_dir() and (current / METADATA).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if current.exists():
+                shutil.rmtree(current, ignore_errors=True)
+            old.rename(current)
+    _fsync_dir(root)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     trainer_state: Dict[str, Any],
     metadata: Dict[str, Any],
     keep_last_k: int,
+    pm=None,
+    model: Optional[torch.nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Path:
     """Writes step `step` atomically and prunes to the newest `keep_last_k` checkpoints.
 
-    `metadata` (JSON-serialisable: config, data cursor, probe, ...) is completed with the step,
-    format version and file checksums and written last."""
-    tmp, final = begin_checkpoint(run_dir, step, str(os.getpid()))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    _fault(step)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    return finalize_checkpoint(run_dir, tmp, final, step, metadata, keep_last_k)
+    Collective over the world when `pm` (a parallel.apply.ParallelModel) is given: every rank
+    calls it and gets the final folder. A plain `model` + `optimizer` is saved as a world of
+    one. `metadata` (JSON-serialisable: config, data cursor, probe, ...) is completed with the
+    step, format version and file checksums and written last; `trainer_state` by rank 0."""
+    from parallel.apply import single_process
+    from parallel.reshard import save_sharded
+
+    import torch.distributed as dist
+
+    if pm is None:
+        pm = single_process(model, optimizer)
+    rank = pm.dims.rank
+    root = checkpoint_dir(run_dir)
+    tmp, final = root / f".tmp-step_{step:08d}-collective", root / f"step_{step:08d}"
+    if rank == 0:
+        tmp, final = begin_checkpoint(run_dir, step, "collective")
+    if pm.dims.world_size > 1:
+        dist.barrier()
+    save_sharded(pm, tmp / SHARDS_DIR)  # collective; ends with a barrier
+    if rank == 0:
+        _fault(step)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        finalize_checkpoint(run_dir, tmp, final, step, metadata, keep_last_k)
+    if pm.dims.world_size > 1:
+        dist.barrier()
+    return final
 
 
 def begin_checkpoint(run_dir: str | Path, step: int, suffix: str) -> Tuple[Path, Path]:
     """(temporary folder, final folder) for step `step`; stale temporaries are removed."""
     root = checkpoint_dir(run_dir)
+    created = not root.is_dir()
     root.mkdir(parents=True, exist_ok=True)
+    if created:
+        _fsync_dir(root.parent)
     for stale in root.glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
     final = root / f"step_{step:08d}"
@@ -141,6 +196,8 @@ def finalize_checkpoint(run_dir: str | Path, tmp: Path, final: Path, step: int, 
     for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_file(file)
         files[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    for folder in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        _fsync_dir(folder)
     meta = {"format": FORMAT_VERSION, "step": step, **metadata, "files": files}
     with open(tmp / METADATA, "w") as fh:
         json.dump(meta, fh, indent=1)
@@ -150,9 +207,15 @@ def finalize_checkpoint(run_dir: str | Path, tmp: Path, final: Path, step: int, 
 
     root = final.parent
     if final.exists():  # re-saving a step (e.g. the final state after a resume at max_steps)
-        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        # The old folder stays a checkpoint (list_checkpoints reads step_N.replaced while
+        # step_N is missing) until the new one is in place.
+        old = root / f"{final.name}{REPLACED}"
+        if old.exists():
+            shutil.rmtree(old)
         final.rename(old)
+        _fsync_dir(root)
         tmp.rename(final)
+        _fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
@@ -181,7 +244,7 @@ def read_metadata(path: str | Path) -> Dict[str, Any]:
 
 
 SHARDED_LAYOUT = "model/parallel.json"  # parallel.reshard.LAYOUT_FILE inside model/
-"""Present in checkpoints of multi-process runs (parallel.reshard's layout-independent shards)."""
+"""Present in every checkpoint of this format (absent in earlier single-process ones)."""
 
 
 def is_sharded(meta: Dict[str, Any]) -> bool:
@@ -247,39 +310,72 @@ def _torch_load(file: Path) -> Any:
         raise CheckpointError(f"{file}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
+def read_optimizer_moments(path: Path, meta: Dict[str, Any], names: List[str]) -> Tuple[Dict[str, torch.Tensor], int]:
+    """The full (unsharded) AdamW moments {"<param>.exp_avg": t, "<param>.exp_avg_sq": t} and
+    the optimizer step of a checkpoint of any layout. `names` are the trainable parameters in
+    the optimizer's group order (an earlier single-process optimizer.pt indexes them so)."""
+    if is_sharded(meta):
+        from parallel.reshard import load_full_optimizer_state, read_layout
+
+        folder = path / SHARDS_DIR
+        try:
+            return load_full_optimizer_state(folder), int(read_layout(folder)["optimizer_step"])
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{folder}: optimizer shards cannot be read ({type(err).__name__}: {err})") from None
+    state = _torch_load(path / OPTIMIZER_FILE)
+    try:
+        order = [i for group in state["param_groups"] for i in group["params"]]
+        if len(order) != len(names):
+            raise CheckpointError(
+                f"{path / OPTIMIZER_FILE}: {len(order)} optimized parameters, the model has {len(names)} "
+                "(a different model or recipe: use a new run_dir)"
+            )
+        out: Dict[str, torch.Tensor] = {}
+        step = 0
+        for index, name in zip(order, names):
+            entry = state["state"].get(index)
+            if entry is None:
+                continue
+            step = max(step, int(entry["step"]))
+            out[f"{name}.exp_avg"], out[f"{name}.exp_avg_sq"] = entry["exp_avg"], entry["exp_avg_sq"]
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: unusable optimizer state ({type(err).__name__}: {err})") from None
+    return out, step
+
+
+def read_trainer_state(path: Path, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The trainer state (this format and earlier single-process ones: trainer_state.pt;
+    earlier multi-process ones: rank 0's trainer_state_rank00000.pt)."""
+    legacy_rank0 = path / "trainer_state_rank00000.pt"
+    return _torch_load(legacy_rank0 if legacy_rank0.is_file() and not (path / STATE_FILE).is_file() else path / STATE_FILE)
+
+
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> List[str]:
+    """Names of the optimizer's parameters in its group order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def load_checkpoint(
     path: str | Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Validates checkpoint `path` against `model`, then loads model (and optimizer) state.
+    """A single process: validates checkpoint `path` (any layout) against `model`, then loads
+    the full weights (and the AdamW moments into `optimizer`). Returns (metadata,
+    trainer_state). Nothing is modified unless every check passes."""
+    from parallel.apply import single_process
+    from parallel.reshard import load_optimizer_moments
 
-    Returns (metadata, trainer_state). Nothing is modified unless every check passes."""
     path = Path(path)
     meta = read_metadata(path)
-    verify_files(path, meta)
-    if is_sharded(meta):
-        raise CheckpointError(
-            f"{path}: written by a {meta.get('world_size', '?')}-process run ({meta.get('layout')}); resume it with "
-            "torchrun and a parallel layout, or export it with `ebt export`"
-        )
-    model_file = path / MODEL_FILE
-    try:
-        tensors = load_file(str(model_file))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{model_file}: cannot be read ({err})") from None
-    check_model_state(model_file, tensors, model)
-    expected = model.state_dict()
-    optim_state = _torch_load(path / OPTIMIZER_FILE) if optimizer is not None else None
-    trainer_state = _torch_load(path / STATE_FILE)
+    tensors, source = read_full_model_state(path, meta)
+    check_model_state(source, tensors, model)
+    moments = step = None
     if optimizer is not None:
-        groups = optim_state.get("param_groups", []) if isinstance(optim_state, dict) else []
-        sizes = [len(g["params"]) for g in groups]
-        if sizes != [len(g["params"]) for g in optimizer.param_groups]:
-            raise CheckpointError(
-                f"{path / OPTIMIZER_FILE}: parameter groups {sizes} do not match the model's "
-                f"{[len(g['params']) for g in optimizer.param_groups]}"
-            )
+        moments, step = read_optimizer_moments(path, meta, optimizer_param_names(model, optimizer))
+    trainer_state = read_trainer_state(path, meta)
+    expected = model.state_dict()
     with torch.no_grad():
         model.load_state_dict({k: v.to(expected[k].device) for k, v in tensors.items()}, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(optim_state)
+        load_optimizer_moments(single_process(model, optimizer), moments, step)
     return meta, trainer_state

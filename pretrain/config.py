@@ -165,10 +165,6 @@ class ParallelConfig:
                 f"{self.activation_checkpointing!r} is not one of {ACTIVATION_CHECKPOINTING}",
             )
 
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.dp
-
 
 @dataclass
 class RunConfig:

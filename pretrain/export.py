@@ -77,7 +77,7 @@ def _thinking_defaults(meta: Dict[str, Any], state: Dict[str, torch.Tensor]) -> 
     if "step_size" in state:
         out["step_size"] = float(state["step_size"])
     out["ebt_type"] = meta["config"]["model"].get("ebt_type")
-    out["trained_steps"] = thinking.get("num_steps")
+    out["trained_steps"] = thinking.get("num_steps_max") or thinking.get("num_steps")
     return out
 
 

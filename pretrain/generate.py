@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .model.ebt import EnergyTransformer
-from .thinking import draw_randn
+from .thinking import descend, draw_randn
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
 MODES = ("kv", "recompute", "reference")
@@ -198,22 +198,20 @@ class EBTInference:
         energies: List[torch.Tensor] = []
         prev = None
         for k in range(steps):
-            with torch.enable_grad():
-                leaf = y.detach().requires_grad_(True)
-                p = vocab_ops.probs(leaf)
-                energy = self._energy(cache, p, k, mode)
-                (g,) = torch.autograd.grad(energy.sum(), p)
-            energy = energy.detach()
-            base = p.detach()
-            if noise_std > 0:
+            y_in = y
+            if noise_std > 0:  # before the energy evaluation, as in training
                 noise = draw_randn((rows, 1, model.vocab_size), generator, device, dtype)
-                base = base + vocab_ops.shard(noise) * noise_std
+                y_in = y + vocab_ops.shard(noise) * noise_std
+            with torch.enable_grad():
+                energy, _, y_next = descend(vocab_ops, lambda p: self._energy(cache, p, k, mode),
+                                            y_in.detach().requires_grad_(True), alpha)
+            energy, y_next = energy.detach(), y_next.detach()
             if early_stop_tol is None:
-                y = base - alpha * g
+                y = y_next
             else:
                 if prev is not None:
                     active = active & ((prev - energy) >= early_stop_tol)
-                y = torch.where(active[:, None, None], base - alpha * g, y)
+                y = torch.where(active[:, None, None], y_next, y)
                 used = used + active.long()
             energies.append(energy)
             prev = energy

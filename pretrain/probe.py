@@ -29,6 +29,7 @@ def probe_values(model: torch.nn.Module, ids: torch.Tensor) -> List[List[float]]
         noise = torch.randn(*ctx.shape, model.vocab_size, generator=gen).to(device, model.energy_head.weight.dtype)
         values = model.energy(ctx, noise)  # full-V logits: tensor-parallel energy() slices them itself
     else:
-        values = torch.log_softmax(model(ctx).float(), -1).gather(-1, tgt[..., None])[..., 0]
+        logits = model.vocab_ops.gather(model(ctx))  # the full vocabulary under tensor parallelism
+        values = torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
     model.train(was_training)
     return values.float().cpu().tolist()

@@ -67,6 +67,11 @@ class ThinkingConfig:
     reuse_context: bool = True
     """Compute the context stream once per batch when the conditioning allows (exact)."""
 
+    @property
+    def trained_steps(self) -> int:
+        """The most thinking steps a training batch takes (S2: num_steps_max)."""
+        return self.num_steps_max or self.num_steps
+
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
             return ValueError(f"thinking.{key}: {msg}")
@@ -142,6 +147,119 @@ class ReplayBuffer:
         self.ids, self.logits = state.get("ids"), state.get("logits")
 
 
+# -- randomness ---------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit generator seed that is a pure function of integer parts (splitmix64 rounds)."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = ((x ^ (int(part) & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+STREAM_INIT, STREAM_JITTER, STREAM_LANGEVIN, STREAM_NUM_STEPS, STREAM_REPLAY = range(5)
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """The randomness of one optimizer step: every draw is a pure function of (seed, optimizer
+    step, what is drawn, global sample index), never of the rank. So a data-parallel run draws
+    exactly what one process draws for the same sample, different samples get independent
+    noise, and a run resumed under another layout continues the same trajectory."""
+
+    seed: int
+    step: int
+
+    def generator(self, stream: int, *index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.seed, self.step, stream, *index))
+
+    def num_steps(self, cfg: "ThinkingConfig") -> int:
+        """The step's number of thinking steps (one draw for the whole global batch)."""
+        return draw_num_steps(cfg, self.generator(STREAM_NUM_STEPS))
+
+
+class Draws:
+    """Where the unroll's random numbers come from: initial candidates, step-size jitter and
+    Langevin noise. Full-vocabulary tensors (the caller shards them)."""
+
+    def initial(self, shape, cfg: "ThinkingConfig", device, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def jitter(self, shape, device, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def langevin(self, step: int, shape, device, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GeneratorDraws(Draws):
+    """Everything from one generator, in call order (single-process tools and tests)."""
+
+    def __init__(self, generator: Optional[torch.Generator]) -> None:
+        self.generator = generator
+
+    def initial(self, shape, cfg, device, dtype):
+        if cfg.init == "zeros":
+            return torch.zeros(shape, device=device, dtype=dtype)
+        return draw_randn(shape, self.generator, device, dtype) * cfg.init_std
+
+    def jitter(self, shape, device, dtype):
+        return draw_rand(shape, self.generator, device, dtype)
+
+    def langevin(self, step, shape, device, dtype):
+        return draw_randn(shape, self.generator, device, dtype)
+
+
+class KeyedDraws(Draws):
+    """Row r's numbers from its own generators, keyed by (step key, stream, sample_ids[r]):
+    the training path. `sample_ids` are global: the row's position in the optimizer step's
+    global batch (fresh rows) or a replay slot id (see pretrain.train_module)."""
+
+    def __init__(self, key: StepKey, sample_ids: Sequence[int]) -> None:
+        self.key, self.sample_ids = key, list(sample_ids)
+
+    def _rows(self, stream: int, extra: tuple, shape, device, dtype, normal: bool) -> torch.Tensor:
+        if shape[0] != len(self.sample_ids):
+            raise ValueError(f"KeyedDraws: {shape[0]} rows requested for {len(self.sample_ids)} sample ids")
+        draw = torch.randn if normal else torch.rand
+        rows = [draw((1, *shape[1:]), generator=self.key.generator(stream, sid, *extra), dtype=dtype)
+                for sid in self.sample_ids]
+        return torch.cat(rows).to(device)
+
+    def initial(self, shape, cfg, device, dtype):
+        if cfg.init == "zeros":
+            return torch.zeros(shape, device=device, dtype=dtype)
+        return self._rows(STREAM_INIT, (), shape, device, dtype, True) * cfg.init_std
+
+    def jitter(self, shape, device, dtype):
+        return self._rows(STREAM_JITTER, (), shape, device, dtype, False)
+
+    def langevin(self, step, shape, device, dtype):
+        return self._rows(STREAM_LANGEVIN, (step,), shape, device, dtype, True)
+
+
+# -- the thinking update (one place: training, think() and generation) --------------------------
+def descend(vocab_ops, energy_of: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, alpha,
+            *, grad_wrt: str = "probs", create_graph: bool = False):
+    """One thinking step from candidate logits `y` (which must require grad):
+
+        p = softmax(y);  E = energy_of(p);  g = dE/d(p or y);  y' = (p or y) - alpha * g
+
+    Returns (E, g, y'). With `create_graph` the gradient keeps its graph (second order).
+    Langevin noise, when used, is added to `y` by the caller *before* this call, in training
+    and at inference alike."""
+    p = vocab_ops.probs(y)
+    wrt = p if grad_wrt == "probs" else y
+    energy = energy_of(p)
+    (g,) = torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph)
+    return energy, g, wrt - alpha * g
+
+
 # -- training unroll ------------------------------------------------------------------------
 @dataclass
 class UnrollResult:
@@ -175,9 +293,7 @@ def draw_rand(shape, generator, device, dtype) -> torch.Tensor:
 
 
 def initial_candidates(batch: int, seq: int, vocab: int, cfg: ThinkingConfig, generator, device, dtype):
-    if cfg.init == "zeros":
-        return torch.zeros(batch, seq, vocab, device=device, dtype=dtype)
-    return draw_randn((batch, seq, vocab), generator, device, dtype) * cfg.init_std
+    return GeneratorDraws(generator).initial((batch, seq, vocab), cfg, device, dtype)
 
 
 cross_entropy = LOCAL_VOCAB.cross_entropy
@@ -204,6 +320,7 @@ def unroll(
     cfg: ThinkingConfig,
     *,
     generator: Optional[torch.Generator] = None,
+    draws: Optional[Draws] = None,
     replay: Optional[ReplayBuffer] = None,
     backward: bool = True,
     loss_scale: float = 1.0,
@@ -213,21 +330,26 @@ def unroll(
 ) -> UnrollResult:
     """One training unroll on a batch of token ids (B, S+1).
 
-    With `backward=True` gradients of `loss * loss_scale` are accumulated into the parameters
-    (per step when allowed, else once at the end) and the returned loss is detached; with
-    `backward=False` the loss keeps its graph (for tests and custom drivers).
+    Random numbers come from `draws` (the trainer's KeyedDraws), else from `generator` in
+    call order. `initial_logits` (this rank's vocabulary slice) replaces the initial draw;
+    `replay` (single-process convenience) appends buffer rows drawn with `generator` and
+    stores the final candidates; the trainer does replay over the global batch instead
+    (pretrain.train_module). With `backward=True` gradients of `loss * loss_scale` are
+    accumulated into the parameters (per step when allowed, else once at the end) and the
+    returned loss is detached; with `backward=False` the loss keeps its graph.
     """
     context_ids, targets = input_ids[:, :-1], input_ids[:, 1:]
     dtype = model.energy_head.weight.dtype
     device = input_ids.device
     batch, seq = context_ids.shape
     vocab = model.vocab_size
+    draws = draws if draws is not None else GeneratorDraws(generator)
     k_steps = num_steps if num_steps is not None else draw_num_steps(cfg, generator)
 
     vocab_ops = model.vocab_ops
     # Drawn over the full vocabulary, then sharded: every layout sees the same candidate.
     y = initial_logits if initial_logits is not None else vocab_ops.shard(
-        initial_candidates(batch, seq, vocab, cfg, generator, device, dtype)
+        draws.initial((batch, seq, vocab), cfg, device, dtype)
     )
     fresh_ids = input_ids
     if replay is not None and cfg.replay_fraction > 0 and len(replay) > 0:
@@ -237,11 +359,12 @@ def unroll(
             context_ids = torch.cat([context_ids, r_ids[:, :-1]])
             targets = torch.cat([targets, r_ids[:, 1:]])
             y = torch.cat([y, r_logits.to(dtype)])
+    rows = y.shape[0]
 
     jitter = None
     if cfg.step_size_jitter > 1.0:
         s = cfg.step_size_jitter
-        jitter = 1.0 / s + draw_rand((y.shape[0], seq, 1), generator, device, dtype) * (s - 1.0 / s)
+        jitter = 1.0 / s + draws.jitter((rows, seq, 1), device, dtype) * (s - 1.0 / s)
 
     reuse = cfg.reuse_context and not model.context_depends_on_step
     per_step = backward and cfg.detach_between_steps and cfg.per_step_backward
@@ -260,21 +383,17 @@ def unroll(
     last_backward = k_steps - 1 if context_graph is None else k_steps
     for k in range(k_steps):
         if cfg.langevin_std > 0:
-            noise = draw_randn((*y.shape[:-1], vocab), generator, device, dtype)
-            y = y + vocab_ops.shard(noise) * cfg.langevin_std
+            y = y + vocab_ops.shard(draws.langevin(k, (rows, seq, vocab), device, dtype)) * cfg.langevin_std
         if cfg.detach_between_steps:
             y = y.detach()
         if not y.requires_grad:
             y = y.requires_grad_(True)
         make_graph = cfg.create_graph == "all" or k == k_steps - 1
         step_context = context if reuse else model.prepare(context_ids, k)
-        p = vocab_ops.probs(y)
-        wrt = p if cfg.grad_wrt == "probs" else y
-        energy = model.energy_from_probs(step_context, p, k)
-        (g,) = torch.autograd.grad(energy.sum(), wrt, create_graph=make_graph)
         # alpha's (tiny) graph is rebuilt per step so a per-step backward can free it.
         alpha = model.effective_step_size() if jitter is None else model.effective_step_size() * jitter
-        y = wrt - alpha * g
+        energy, g, y = descend(vocab_ops, lambda p: model.energy_from_probs(step_context, p, k), y, alpha,
+                               grad_wrt=cfg.grad_wrt, create_graph=make_graph)
         if not make_graph and not model.step_size.requires_grad:
             # g is a constant and alpha is fixed: nothing trainable reaches y, so keeping its
             # chain (softmaxes of every earlier step) would only cost memory (S2 truncation).
@@ -312,7 +431,7 @@ def unroll(
         final_logits=final,
         nonfinite=nonfinite,
         num_steps=k_steps,
-        num_rows=y.shape[0],
+        num_rows=rows,
     )
 
 
@@ -367,20 +486,12 @@ def think(
     energies: List[torch.Tensor] = []
     ces: List[float] = []
 
-    def evaluate(y_now: torch.Tensor, step: int, need_grad: bool):
+    def prepared(step: int) -> Context:
         nonlocal context
         with torch.no_grad():
             if context is None or not reuse:
                 context = model.prepare(ids, step)
-        with torch.enable_grad():
-            y_leaf = y_now.detach().requires_grad_(need_grad)
-            p = vocab_ops.probs(y_leaf)
-            wrt = p if grad_wrt == "probs" else y_leaf
-            energy = model.energy_from_probs(context, p, step)
-            if not need_grad:
-                return energy.detach(), None, None
-            (g,) = torch.autograd.grad(energy.sum(), wrt)
-        return energy.detach(), g.detach(), wrt.detach()
+        return context
 
     def record_ce(y_now):
         if tgt is not None:
@@ -389,20 +500,25 @@ def think(
     record_ce(y)
     prev_energy = None
     for k in range(steps):
-        energy, g, base = evaluate(y, k, need_grad=True)
+        y_in = y
+        if noise_std > 0:  # before the energy evaluation, as in training
+            y_in = y + vocab_ops.shard(draw_randn((*y.shape[:-1], model.vocab_size), generator, y.device, dtype)) * noise_std
+        ctx = prepared(k)
+        with torch.enable_grad():
+            energy, _, y_next = descend(vocab_ops, lambda p: model.energy_from_probs(ctx, p, k),
+                                        y_in.detach().requires_grad_(True), alpha, grad_wrt=grad_wrt)
+        energy, y_next = energy.detach(), y_next.detach()
         if prev_energy is not None and early_stop_tol is not None:
             stalled = (prev_energy - energy) < early_stop_tol
             active = active & ~stalled
         energies.append(energy)
         prev_energy = energy
-        if noise_std > 0:
-            noise = draw_randn((*base.shape[:-1], model.vocab_size), generator, base.device, dtype)
-            base = base + vocab_ops.shard(noise) * noise_std
-        y_next = base - alpha * g
         y = torch.where(active.unsqueeze(-1), y_next, y)
         used = used + active.long()
         record_ce(y)
-    final_energy, _, _ = evaluate(y, max(steps - 1, 0), need_grad=False)
+    last = max(steps - 1, 0)
+    with torch.no_grad():
+        final_energy = model.energy_from_probs(prepared(last), vocab_ops.probs(y), last)
     energies.append(final_energy)
 
     energies_t = torch.stack(energies)  # (steps+1, G*B, S)

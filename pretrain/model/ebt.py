@@ -99,7 +99,8 @@ class EnergyTransformer(nn.Module):
         return min(int(step), self.cfg.num_step_embeddings - 1)
 
     def effective_step_size(self) -> torch.Tensor:
-        return self.step_size.clamp(min=self.cfg.step_size_min)
+        """alpha clamped >= step_size_min, as it enters the candidate's (maybe V-sharded) update."""
+        return self.vocab_ops.enter(self.step_size.clamp(min=self.cfg.step_size_min))
 
     # -- the two streams ----------------------------------------------------------------
     def _cond(self, step_index: int, batch: int):
@@ -175,12 +176,13 @@ class EnergyTransformer(nn.Module):
     def energy(self, context_ids: torch.Tensor, candidate_logits: torch.Tensor, step: int = 0) -> torch.Tensor:
         """E(x, y): context_ids (B,S) int64, candidate_logits (B,S,V) -> energies (B,S).
         The softmax and the candidate embedding are applied inside."""
-        if candidate_logits.shape[:2] != context_ids.shape or candidate_logits.shape[-1] != self.vocab_size:
+        widths = (self.vocab_size, self.vocab_ops.local_width(self.vocab_size))  # full V, or this rank's slice
+        if candidate_logits.shape[:2] != context_ids.shape or candidate_logits.shape[-1] not in widths:
             raise ValueError(
                 f"candidate_logits must be (B, S, V)={(*context_ids.shape, self.vocab_size)}, "
                 f"got {tuple(candidate_logits.shape)}"
             )
-        probs = self.vocab_ops.probs(candidate_logits)
+        probs = self.vocab_ops.probs(self.vocab_ops.as_local(candidate_logits))
         return self.energy_from_probs(self.prepare(context_ids, step), probs, step)
 
     def forward(self, context_ids: torch.Tensor, candidate_logits: torch.Tensor, step: int = 0) -> torch.Tensor:

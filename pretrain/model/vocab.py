@@ -28,5 +28,21 @@ class LocalVocab:
         """This process's slice of a full-vocabulary tensor (last dim)."""
         return full
 
+    def local_width(self, vocab_size: int) -> int:
+        """Width of this process's slice of a V-wide tensor."""
+        return vocab_size
+
+    def as_local(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-V logits as this process's slice (the whole of them here)."""
+        return logits
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """A replicated value entering vocabulary arithmetic (identity on one process)."""
+        return x
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The full-V tensor (it already is one here)."""
+        return local.detach()
+
 
 LOCAL_VOCAB = LocalVocab()

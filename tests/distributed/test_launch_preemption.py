@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from parallel.testing import free_port
+from parallel.spawn import free_port
 
 pytestmark = pytest.mark.distributed
 

@@ -11,7 +11,8 @@ from parallel.apply import ParallelSettings, parallelize
 from parallel.checkpointing import apply_activation_checkpointing
 from parallel.dims import LayoutError, build_dims, rank_of, validate_layout
 from parallel.tensor import shard_range, tensor_parallelize, tp_shard_dim
-from parallel.testing import TINY_MODEL, recipe, run_distributed
+from parallel.spawn import run_distributed
+from parity import TINY_MODEL, recipe
 from parallel.zero import check_zero_stage, refuse_fsdp
 from pretrain.model import build_model
 from pretrain.model.vocab import LOCAL_VOCAB
@@ -113,7 +114,7 @@ def test_transformer_pp_tp2_matches_single_process():
 def _megatron_style_main(out_file: str) -> None:
     """f's backward as megatron-core writes it (an all-reduce that autograd does not record)."""
     import parallel.tensor as tensor
-    from parallel.testing import parity_check
+    from parity import parity_check
 
     def untracked_backward(ctx, grad):
         out = grad.detach().clone()

@@ -16,7 +16,8 @@ from parallel.apply import ParallelSettings as P
 from parallel.apply import parallelize
 from parallel.dims import build_dims
 from parallel.reshard import gather_full_model_state, load_full_model_state, load_optimizer_state, save_sharded
-from parallel.testing import BATCH, SEQ, TINY_MODEL, recipe, run_distributed
+from parallel.spawn import run_distributed
+from parity import BATCH, SEQ, TINY_MODEL, recipe
 from pretrain.model import build_model
 from pretrain.thinking import unroll
 

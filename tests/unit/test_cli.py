@@ -41,8 +41,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cli_cache")
+def cache_dir(data_cache) -> Path:
+    return data_cache
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 def test_truncated_checkpoint(tmp_path: Path, trained_run: Path, cache_dir: Path):
     run = _copy_run(trained_run, tmp_path / "run")
-    model = run / "checkpoints" / "step_00000006" / "model.safetensors"
+    model = run / "checkpoints" / "step_00000006" / "model" / "model-tp0-of-1.safetensors"
     model.write_bytes(model.read_bytes()[:100])
     before = snapshot(run)
     proc = ebt("pretrain", "test_tiny", f"run_dir={run}", "train.max_steps=8", f"data.cache_dir={cache_dir}")
@@ -116,17 +116,17 @@ def test_checkpoint_from_a_different_model_shape(tmp_path: Path, trained_run: Pa
     before = snapshot(run)
     proc = ebt("pretrain", "test_tiny", f"run_dir={run}", "model.dim=64", "train.max_steps=8",
                f"data.cache_dir={cache_dir}")
-    assert_one_line_error(proc, "step_00000006/model.safetensors", "different model shape", ", 64)")
+    assert_one_line_error(proc, "step_00000006/model", "different model shape", ", 64)")
     assert snapshot(run) == before
 
 
 def test_finished_run_is_not_retrained_and_can_be_plotted(tmp_path: Path, trained_run: Path, cache_dir: Path):
     run = _copy_run(trained_run, tmp_path / "run")
-    weights = (run / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes()
+    weights = (run / "checkpoints" / "step_00000006" / "model" / "model-tp0-of-1.safetensors").read_bytes()
     proc = ebt("pretrain", "test_tiny", f"run_dir={run}", f"data.cache_dir={cache_dir}")
     assert proc.returncode == 0, proc.stderr
     assert "nothing to do" in proc.stdout
-    assert (run / "checkpoints" / "step_00000006" / "model.safetensors").read_bytes() == weights
+    assert (run / "checkpoints" / "step_00000006" / "model" / "model-tp0-of-1.safetensors").read_bytes() == weights
     proc = ebt("plot", str(run))
     assert proc.returncode == 0, proc.stderr
     assert {Path(p).name for p in proc.stdout.split()} == {"training.png", "thinking.png"}

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.checkpoint import latest_checkpoint
-from pretrain.cli import main as ebt_main
+from ebt.cli import main as ebt_main
 from pretrain.config import load_config
 from pretrain.export import ExportError, export_checkpoint, load_export
 from pretrain.generate import EBTInference
@@ -38,7 +38,7 @@ def export_dir(run_dir, tmp_path_factory) -> Path:
 def test_export_holds_the_checkpoint_weights_and_reloads_verified(run_dir, export_dir):
     assert sorted(p.name for p in export_dir.iterdir()) == [
         "config.json", "export.json", "model.safetensors", "thinking.json", "tokenizer.json"]
-    ckpt = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+    ckpt = load_file(str(latest_checkpoint(run_dir) / "model" / "model-tp0-of-1.safetensors"))
     exported = load_file(str(export_dir / "model.safetensors"))
     assert ckpt.keys() == exported.keys()
     assert all(torch.equal(ckpt[k].float(), exported[k]) for k in ckpt)

@@ -22,8 +22,71 @@ def _model(variant, dtype=torch.float64, max_seq_len=96, seed=0):
     return model
 
 
+def _wrong_rope_offset(model) -> None:
+    """The bug the cache tests must catch: appended tokens rotated one position too far."""
+    for layer in model.layers:
+        original = layer.forward_context_incremental
+
+        def shifted(h, cos, sin, past_k, past_v, cond=None, need_output=True, _original=original):
+            start = past_k.shape[2]
+            if start > 0:
+                n = h.shape[1]
+                cos, sin = model.rope_cos[start + 1 : start + 1 + n], model.rope_sin[start + 1 : start + 1 + n]
+            return _original(h, cos, sin, past_k, past_v, cond, need_output)
+
+        layer.forward_context_incremental = shifted
+
+
+def _incremental_calls(engine) -> list:
+    """Records the number of new tokens of every context-stream call made on top of a cache."""
+    calls, original = [], engine._run_context
+
+    def counting(new_ids, past, key):
+        if past is not None:
+            calls.append(new_ids.shape[1])
+        return original(new_ids, past, key)
+
+    engine._run_context = counting
+    return calls
+
+
+def _extended_energies(model, variant):
+    engine = EBTInference(model)
+    calls = _incremental_calls(engine)
+    ids = torch.randint(0, 31, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = engine.prefill(ids[:, :5])
+    for step in range(3):
+        engine._kv_for(cache, step, True)  # the per-step caches exist before the tokens arrive
+    for t in range(5, 9):
+        cache = engine.extend(cache, ids[:, t : t + 1])
+    # the cache was really extended one token at a time, never rebuilt
+    assert calls and set(calls) == {1} and len(calls) == 4 * len(cache.kv)
+    assert all(kv[0][0].shape[2] == 9 + (variant == "time_embed") for kv in cache.kv.values())
+    probs = torch.softmax(torch.randn(2, 1, 31, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), -1)
+    out = []
+    for step in range(3):
+        cached = engine._energy_next(engine._kv_for(cache, step, True), probs, step)
+        full_probs = torch.cat([torch.full((2, 8, 31), 1 / 31, dtype=torch.float64), probs], dim=1)
+        with torch.no_grad():
+            full = model.energy_from_probs(model.prepare(ids, step), full_probs, step)[:, -1]
+        out.append((cached - full).abs().max().item())
+    return out
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_next_position_energy_equals_full_model(variant):
+    assert max(_extended_energies(_model(variant), variant)) < 1e-10
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_wrong_rope_offset_in_the_cached_path_is_caught(variant):
+    model = _model(variant)
+    _wrong_rope_offset(model)
+    assert max(_extended_energies(model, variant)) > 1e-6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_next_position_energy_equals_full_model_after_prefill_only(variant):
     model = _model(variant)
     engine = EBTInference(model)
     ids = torch.randint(0, 31, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -44,12 +107,23 @@ def test_cached_next_position_energy_equals_full_model(variant):
 def test_cached_generation_gives_exactly_the_uncached_tokens(variant):
     model = _model(variant, dtype=torch.float32)
     engine = EBTInference(model)
+    calls = _incremental_calls(engine)
     prompt = torch.randint(0, 31, (12,), generator=torch.Generator().manual_seed(2)).tolist()
-    kwargs = dict(steps=3, seed=7)
+    kwargs = dict(steps=3, seed=7, temperature=4.0)  # sampled: the tokens are not degenerate
     cached = engine.generate(prompt, 64, mode="kv", **kwargs)
-    assert len(cached) == 64
+    assert len(cached) == 64 and len(set(cached)) >= 16, cached
+    assert len(calls) >= 63 and set(calls) == {1}  # every new token went through the cache
     assert engine.generate(prompt, 64, mode="recompute", **kwargs) == cached
     assert engine.generate(prompt, 64, mode="reference", **kwargs) == cached
+
+
+def test_a_wrong_rope_offset_changes_the_cached_tokens():
+    model = _model("default", dtype=torch.float32)
+    prompt = torch.randint(0, 31, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    kwargs = dict(steps=3, seed=7, temperature=4.0)
+    reference = EBTInference(model).generate(prompt, 64, mode="recompute", **kwargs)
+    _wrong_rope_offset(model)
+    assert EBTInference(model).generate(prompt, 64, mode="kv", **kwargs) != reference
 
 
 def test_generation_past_the_context_window_and_best_of_g():

@@ -217,3 +217,48 @@ def test_thinking_helps_after_a_short_real_training_run():
     res = think(model, ids[:, :-1], steps=2, targets=ids[:, 1:], generator=torch.Generator().manual_seed(0))
     ce = res.ce_per_step
     assert ce[2] < ce[1] < ce[0], ce
+
+
+def test_keyed_draws_are_per_sample_and_layout_invariant():
+    from pretrain.thinking import KeyedDraws, StepKey
+
+    cfg = ThinkingConfig()
+    key = StepKey(seed=3, step=7)
+    whole = KeyedDraws(key, [0, 1, 2, 3])
+    init = whole.initial((4, 5, 11), cfg, "cpu", torch.float64)
+    # two samples of one batch get different noise
+    assert not torch.equal(init[0], init[1])
+    # a rank holding rows 2..3 draws exactly what one process draws for them
+    part = KeyedDraws(key, [2, 3])
+    assert torch.equal(part.initial((2, 5, 11), cfg, "cpu", torch.float64), init[2:])
+    assert torch.equal(part.langevin(1, (2, 5, 11), "cpu", torch.float64),
+                       whole.langevin(1, (4, 5, 11), "cpu", torch.float64)[2:])
+    assert torch.equal(part.jitter((2, 5, 1), "cpu", torch.float64), whole.jitter((4, 5, 1), "cpu", torch.float64)[2:])
+    # other steps, other thinking steps, other seeds: other numbers
+    assert not torch.equal(KeyedDraws(StepKey(3, 8), [0]).initial((1, 5, 11), cfg, "cpu", torch.float64), init[:1])
+    assert not torch.equal(whole.langevin(0, (4, 5, 11), "cpu", torch.float64),
+                           whole.langevin(1, (4, 5, 11), "cpu", torch.float64))
+    assert not torch.equal(KeyedDraws(StepKey(4, 7), [0]).initial((1, 5, 11), cfg, "cpu", torch.float64), init[:1])
+    # the number of thinking steps is one draw per optimizer step, covering its range
+    s2 = ThinkingConfig(num_steps=2, num_steps_max=3, detach_between_steps=False, create_graph="last", loss_on="last")
+    counts = {StepKey(0, t).num_steps(s2) for t in range(40)}
+    assert counts == {2, 3} and StepKey(0, 5).num_steps(s2) == StepKey(0, 5).num_steps(s2)
+
+
+def test_inference_noise_is_added_before_each_energy_evaluation():
+    from pretrain.thinking import draw_randn
+
+    torch.manual_seed(0)
+    model = build_model(dict(vocab_size=13, dim=16, num_heads=2, num_layers=1, max_seq_len=8, step_size=5.0)).double()
+    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(1))
+    got = think(model, ids, steps=2, noise_std=0.7, generator=torch.Generator().manual_seed(4))
+    # by hand: y0 ~ N(0,1); each step y <- softmax(y + noise) - alpha * dE/dp at (y + noise)
+    gen = torch.Generator().manual_seed(4)
+    y = draw_randn((2, 6, 13), gen, "cpu", torch.float64)
+    alpha = float(model.effective_step_size())
+    for k in range(2):
+        noisy = (y + draw_randn((2, 6, 13), gen, "cpu", torch.float64) * 0.7).requires_grad_(True)
+        p = torch.softmax(noisy, -1)
+        (g,) = torch.autograd.grad(model.energy_from_probs(model.prepare(ids, k), p, k).sum(), p)
+        y = (p - alpha * g).detach()
+    assert torch.allclose(got.logits, y, atol=1e-12, rtol=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pretrain.trainer as trainer_mod
+import pretrain.train_module as train_module_mod
 from pretrain import flops
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints
 from pretrain.config import load_config
@@ -20,8 +20,8 @@ from pretrain.trainer import NonFiniteError, Trainer, build_optimizer, lr_at, tr
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data_cache"))
+def cache_dir(data_cache) -> str:
+    return str(data_cache)
 
 
 def tiny(tmp_path: Path, cache_dir: str, *overrides: str):
@@ -106,7 +106,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, cache_dir):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, cache_dir, monkeypatch):
-    real_unroll = trainer_mod.unroll
+    real_unroll = train_module_mod.unroll
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -116,7 +116,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pa
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(trainer_mod, "unroll", poisoned)
+    monkeypatch.setattr(train_module_mod, "unroll", poisoned)
     cfg = tiny(tmp_path, cache_dir, "train.max_consecutive_nonfinite=3", "train.max_steps=20",
                "train.checkpoint_every=0")
     lines = []
@@ -140,7 +140,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pa
     assert meta["reason"] == "nonfinite"
     from safetensors.torch import load_file
 
-    saved = load_file(str(path / "model.safetensors"))
+    saved = load_file(str(path / "model" / "model-tp0-of-1.safetensors"))
     for name, value in good.items():  # the weights after the last good step (3)
         assert torch.equal(saved[name], value), name
     skipped = [r for r in records(tmp_path / "run" / "metrics.jsonl") if r.get("skipped")]
@@ -148,14 +148,14 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pa
 
 
 def test_nonfinite_dE_dy_is_named(tmp_path, cache_dir, monkeypatch):
-    real_unroll = trainer_mod.unroll
+    real_unroll = train_module_mod.unroll
 
     def poisoned(*args, **kwargs):
         result = real_unroll(*args, **kwargs)
         result.nonfinite = torch.ones((), dtype=torch.bool)
         return result
 
-    monkeypatch.setattr(trainer_mod, "unroll", poisoned)
+    monkeypatch.setattr(train_module_mod, "unroll", poisoned)
     cfg = tiny(tmp_path, cache_dir, "train.max_consecutive_nonfinite=1")
     with pytest.raises(NonFiniteError, match="non-finite dE/dy"):
         Trainer(cfg, log=lambda _: None).run()

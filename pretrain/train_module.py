@@ -1,0 +1,308 @@
+"""What one model family does in a training step: one train module per family.
+
+The trainer loop (pretrain.trainer) owns the optimizer-step cadence and nothing
+model-specific; a train module owns, for its model family:
+  * `train_step(batch, step)`: every micro-batch of one optimizer step on this rank's rows,
+    their backwards and the one gradient synchronisation (through the ParallelModel);
+  * `evaluate(batches)`: validation metrics;
+  * `probe_values()`: the fixed probe batch by which checkpoints prove their weights;
+  * the state it carries across steps (the EBT's replay buffer) for checkpoints;
+and every cross-entropy it computes goes through the model's vocabulary ops, so tensor
+parallelism (V sharded over tp) works for evaluation and the probe as for training.
+
+Layout-invariant randomness (EBT): the draws of optimizer step t are keyed by
+`StepKey(train.seed, t)` and the row's global sample id, never by rank (pretrain.thinking):
+  * fresh row i of the global batch (its position; the rank holds rows
+    data_pipeline.order.rank_slice of them) has sample id i;
+  * the number of thinking steps is one draw per optimizer step;
+  * replay (S2): the buffer holds the final candidates of every row of earlier global
+    batches, replicated on every dp rank (an all-gather over dp per step); each step draws
+    R = round(replay_fraction x global batch) buffer rows with the step key, gives replay
+    row j the sample id global_batch + j, and deals them out over dp ranks like the fresh
+    rows. Under tp each rank keeps its vocabulary slice of the buffer; checkpoints hold
+    the full vocabulary.
+So a dp=2 (or ZeRO) run draws exactly what one process draws, and a run resumed under any
+layout continues the same trajectory. Rows are independent in the loss, and each
+micro-batch's loss is weighted by its share of the global rows, so the gradient is the
+global mean whatever the split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.order import rank_slice
+
+from . import flops as flops_mod
+from . import probe as probe_mod
+from .config import RunConfig
+from .thinking import STREAM_REPLAY, KeyedDraws, ReplayBuffer, StepKey, think, unroll
+
+EVAL_SEED_OFFSET = 7919
+
+
+@dataclass
+class LocalBatch:
+    """This rank's rows of one optimizer step's global batch."""
+
+    ids: torch.Tensor
+    """(rows, S+1) token ids."""
+    first_row: int
+    """Global position of the first row (rows are contiguous: data_pipeline.order.rank_slice)."""
+    global_rows: int
+    """Rows in the global batch."""
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step's micro-batches produced on this rank (tensors; no host sync)."""
+
+    loss: torch.Tensor
+    loss_first: torch.Tensor
+    loss_last: torch.Tensor
+    energy_first: Optional[torch.Tensor]
+    energy_last: Optional[torch.Tensor]
+    nonfinite_grad_input: torch.Tensor
+    """NaN/Inf in dE/dy (EBT)."""
+    flops: float
+    """FLOPs this rank computed (its rows, its 1/tp of the model)."""
+
+
+def _split(n: int, parts: int) -> List[slice]:
+    """Contiguous near-equal pieces of range(n) (torch.tensor_split's rule)."""
+    base, rem = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < rem else 0)
+        out.append(slice(start, end))
+        start = end
+    return [s for s in out if s.stop > s.start]
+
+
+class TrainModule:
+    """Shared plumbing: the parallel model, the config, the dp/tp layout."""
+
+    def __init__(self, pm, cfg: RunConfig, device: torch.device) -> None:
+        self.pm, self.cfg, self.device = pm, cfg, device
+        self.model = pm.module
+        self.dims = pm.dims
+
+    @property
+    def vocab_ops(self):
+        return self.model.vocab_ops
+
+    def autocast(self, dtype: torch.dtype):
+        import contextlib
+
+        if dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def probe_values(self) -> List[List[float]]:
+        return probe_mod.probe_values(self.model, probe_mod.probe_ids(self.cfg.model.vocab_size, self.cfg.data.seq_len))
+
+    def commit(self, stepped: bool) -> None:
+        """Called once per optimizer step after the non-finite decision."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def _flops_share(self, flops: float) -> float:
+        return flops / self.dims.tp
+
+
+class EBTTrainModule(TrainModule):
+    """The EBT: the thinking unroll of pretrain.thinking with keyed randomness and replay."""
+
+    def __init__(self, pm, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(pm, cfg, device)
+        self.dtype = dtype
+        th = cfg.thinking
+        self.replay = ReplayBuffer(th.replay_size) if th.replay_size > 0 else None
+        self._pending: Optional[tuple] = None
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self, batch: LocalBatch, step: int) -> StepStats:
+        cfg, th, model = self.cfg, self.cfg.thinking, self.model
+        vocab_ops = model.vocab_ops
+        key = StepKey(cfg.train.seed, step)
+        k_steps = key.num_steps(th)
+        ids = batch.ids
+        rows, seq = ids.shape[0], ids.shape[1] - 1
+        wdtype = model.energy_head.weight.dtype
+        sample_ids = list(range(batch.first_row, batch.first_row + rows))
+        y0 = vocab_ops.shard(KeyedDraws(key, sample_ids).initial((rows, seq, model.vocab_size), th, self.device, wdtype))
+        total_rows = batch.global_rows
+        if self.replay is not None and th.replay_fraction > 0 and len(self.replay) > 0:
+            n_replay = int(round(th.replay_fraction * batch.global_rows))
+            if n_replay > 0:
+                r_ids, r_logits = self.replay.sample(n_replay, key.generator(STREAM_REPLAY))
+                mine = rank_slice_uneven(n_replay, self.dims.dp_rank, self.dims.dp)
+                ids = torch.cat([ids, r_ids[mine].to(self.device)])
+                y0 = torch.cat([y0, r_logits[mine].to(self.device, wdtype)])
+                sample_ids += [batch.global_rows + j for j in range(mine.start, mine.stop)]
+                total_rows += n_replay
+        parts = _split(ids.shape[0], cfg.train.grad_accum)
+        results, flops = [], 0.0
+        for i, part in enumerate(parts):
+            n = part.stop - part.start
+            with self.autocast(self.dtype):
+                r = unroll(
+                    model, ids[part], th, draws=KeyedDraws(key, sample_ids[part]), num_steps=k_steps,
+                    initial_logits=y0[part], loss_scale=n * self.dims.dp / total_rows,
+                    backward_fn=self.pm.backward_fn(sync=i == len(parts) - 1),
+                )
+            results.append((n, r))
+            flops += flops_mod.ebt_step_flops(model.cfg, seq, r.num_rows, r.num_steps, th.create_graph,
+                                              th.reuse_context)
+        if self.replay is not None:
+            fresh = torch.cat([r.final_logits for _, r in results])[:rows]
+            self._pending = (batch.ids, fresh)
+
+        def mean(values: Iterable[torch.Tensor]) -> torch.Tensor:
+            # Row-weighted: micro-batches of unequal size count by their rows.
+            got = [(n, v) for n, v in zip((n for n, _ in results), values)]
+            return sum(n * v.detach() for n, v in got) / sum(n for n, _ in got)
+
+        return StepStats(
+            loss=mean(r.loss for _, r in results),
+            loss_first=mean(r.step_losses[0] for _, r in results),
+            loss_last=mean(r.step_losses[-1] for _, r in results),
+            energy_first=mean(r.step_energies[0] for _, r in results),
+            energy_last=mean(r.step_energies[-1] for _, r in results),
+            nonfinite_grad_input=torch.stack([r.nonfinite for _, r in results]).any(),
+            flops=self._flops_share(flops),
+        )
+
+    def commit(self, stepped: bool) -> None:
+        """Stores this step's final candidates in the replay buffer, unless the step was
+        skipped (its NaN rows must not seed later batches). All dp ranks add the whole
+        global batch, in global order."""
+        pending, self._pending = self._pending, None
+        if pending is None or not stepped:
+            return
+        ids, logits = pending
+        if self.dims.dp > 1:
+            ids, logits = _all_gather_rows(ids, self.dims), _all_gather_rows(logits, self.dims)
+        self.replay.add(ids.cpu(), logits.cpu())
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, batches: Iterable[torch.Tensor], num_batches: int, step: int) -> Dict[str, Any]:
+        """CE and energy after each thinking step up to max(eval_steps, trained steps), on
+        `num_batches` validation batches (every rank computes the same; rank 0 writes)."""
+        th, tc = self.cfg.thinking, self.cfg.train
+        trained = th.trained_steps
+        steps = max(th.eval_steps, trained)
+        gen = torch.Generator().manual_seed(tc.seed + EVAL_SEED_OFFSET)
+        ce_sum = energy_sum = None
+        count = 0
+        self.model.eval()
+        for batch in islice(batches, num_batches):
+            ids = batch.to(self.device)
+            with self.autocast(self.dtype):
+                r = think(self.model, ids[:, :-1], steps, generator=gen, targets=ids[:, 1:],
+                          init=th.init, init_std=th.init_std, grad_wrt=th.grad_wrt)
+            ce = torch.tensor(r.ce_per_step, dtype=torch.float64)
+            energy = r.energies.double().mean(dim=(1, 2)).cpu()
+            ce_sum = ce if ce_sum is None else ce_sum + ce
+            energy_sum = energy if energy_sum is None else energy_sum + energy
+            count += 1
+        self.model.train()
+        if count == 0:
+            return {"val_batches": 0}
+        ce_steps = (ce_sum / count).tolist()
+        return {
+            "val_batches": count,
+            "val_ce": ce_steps[trained],
+            "val_ce_per_step": ce_steps,
+            "val_energy_per_step": (energy_sum / count).tolist(),
+            "trained_steps": trained,
+            "eval_steps": th.eval_steps,
+            "val_ce_first_step": ce_steps[1],
+            "val_ce_last_step": ce_steps[th.eval_steps],
+            # System-2 gain: thinking for eval_steps instead of the recipe's thinking.num_steps
+            "system2_gain": ce_steps[th.num_steps] - ce_steps[th.eval_steps],
+        }
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Collective under tp: the replay buffer with the full vocabulary (layout-free)."""
+        if self.replay is None:
+            return {"replay": None}
+        state = self.replay.state_dict()
+        if self.dims.tp > 1 and state.get("logits") is not None:
+            state = dict(state, logits=self.vocab_ops.gather(state["logits"]))
+        return {"replay": state}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        replay = state.get("replay")
+        if self.replay is None or replay is None:
+            return
+        if replay.get("logits") is not None:
+            replay = dict(replay, logits=self.vocab_ops.shard(replay["logits"]).contiguous())
+        self.replay.load_state_dict(replay)
+
+
+class TransformerPPTrainModule(TrainModule):
+    """The Transformer++ baseline: next-token cross-entropy, first order."""
+
+    def __init__(self, pm, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(pm, cfg, device)
+        self.dtype = dtype
+
+    def train_step(self, batch: LocalBatch, step: int) -> StepStats:
+        ids = batch.ids
+        parts = _split(ids.shape[0], self.cfg.train.grad_accum)
+        losses, flops = [], 0.0
+        for i, part in enumerate(parts):
+            n = part.stop - part.start
+            with self.autocast(self.dtype):
+                logits = self.model(ids[part, :-1])
+            loss = self.vocab_ops.cross_entropy(logits, ids[part, 1:])  # vocab-parallel under tp
+            self.pm.backward(loss * (n * self.dims.dp / batch.global_rows), sync=i == len(parts) - 1)
+            losses.append(loss.detach() * n)
+            flops += flops_mod.transformer_pp_step_flops(self.model.cfg, ids.shape[1] - 1, n)
+        loss = torch.stack(losses).sum() / ids.shape[0]
+        return StepStats(loss, loss, loss, None, None, torch.zeros((), dtype=torch.bool), self._flops_share(flops))
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[torch.Tensor], num_batches: int, step: int) -> Dict[str, Any]:
+        total, count = 0.0, 0
+        self.model.eval()
+        for batch in islice(batches, num_batches):
+            ids = batch.to(self.device)
+            with self.autocast(self.dtype):
+                logits = self.model(ids[:, :-1])
+            total += float(self.vocab_ops.cross_entropy(logits, ids[:, 1:]))
+            count += 1
+        self.model.train()
+        return {"val_batches": count, **({"val_ce": total / count} if count else {})}
+
+
+def rank_slice_uneven(n: int, rank: int, parts: int) -> slice:
+    """Rank `rank`'s contiguous share of n rows split near-equally over `parts` ranks."""
+    return _split(n, parts)[rank] if rank < min(n, parts) else slice(n, n)
+
+
+def _all_gather_rows(local: torch.Tensor, dims) -> torch.Tensor:
+    """Rows of every dp rank, in dp-rank (= global batch) order."""
+    pieces = [torch.empty_like(local) for _ in range(dims.dp)]
+    dist.all_gather(pieces, local.contiguous(), group=dims.dp_group)
+    return torch.cat(pieces)
+
+
+def build_train_module(pm, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TrainModule:
+    if cfg.model.arch == "ebt":
+        return EBTTrainModule(pm, cfg, device, dtype)
+    return TransformerPPTrainModule(pm, cfg, device, dtype)
+
+
+__all__ = ["LocalBatch", "StepStats", "TrainModule", "EBTTrainModule", "TransformerPPTrainModule",
+           "build_train_module", "rank_slice", "EVAL_SEED_OFFSET"]
