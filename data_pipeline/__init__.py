@@ -1,4 +1,5 @@
-"""Text -> tokens -> webdataset shards -> batches, with an exactly resumable global order.
+"""Text -> tokens -> webdataset shards -> batches, with an exactly resumable global order; shards
+read in per-rank byte ranges from a local folder, an http(s) URL or an fsspec URL.
 
 The trainer's contract:
     prepared = prepare_dataset(cfg.data, rank=rank, world_size=world_size)
@@ -16,9 +17,10 @@ from data_pipeline.loader import ShardLoader, make_loader
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.prepare import PreparedData, open_dataset, prepare_dataset
 from data_pipeline.shards import ShardError
+from data_pipeline.storage import RemoteReadError
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [
-    "DataConfig", "Manifest", "PreparedData", "ShardError", "ShardLoader", "TextTokenizer", "build_shards",
+    "DataConfig", "Manifest", "PreparedData", "RemoteReadError", "ShardError", "ShardLoader", "TextTokenizer", "build_shards",
     "load_manifest", "load_tokenizer", "make_loader", "open_dataset", "prepare_dataset",
 ]

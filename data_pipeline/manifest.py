@@ -85,13 +85,18 @@ class Manifest:
 
 
 def load_manifest(directory: Path) -> Manifest:
-    """The manifest of a shard directory; a missing, foreign or edited one is a one-line error."""
+    """The manifest of a local shard directory; a missing, foreign or edited one is a one-line error."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         what = "does not exist" if not Path(directory).exists() else f"has no {MANIFEST_FILE}"
         raise FileNotFoundError(f"data.path: {directory} {what} (build one with `ebt data build SRC... --out DIR`)")
+    return parse_manifest(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """A manifest from its JSON text (`where` names the file or URL in messages)."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(text)
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r} is not {FORMAT!r}")
         manifest = Manifest(
@@ -103,11 +108,11 @@ def load_manifest(directory: Path) -> Manifest:
             splits={k: [ShardInfo(**s) for s in v] for k, v in raw["splits"].items()},
             stats=dict(raw.get("stats", {})),
         )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"data.path: {path} is not a valid manifest ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"data.path: {where} is not a valid manifest ({exc})") from None
     if raw.get("fingerprint") != manifest.fingerprint:
         raise ValueError(
-            f"data.path: {path} was edited after it was built (fingerprint {raw.get('fingerprint')} "
+            f"data.path: {where} was edited after it was built (fingerprint {raw.get('fingerprint')} "
             f"recorded, content hashes to {manifest.fingerprint}); rebuild it"
         )
     return manifest

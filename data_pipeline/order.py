@@ -125,7 +125,10 @@ class GlobalOrder:
 
     def locate(self, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
         """(shard index, sample index within the shard) of stream positions start ... stop-1."""
-        positions = np.arange(start, stop, dtype=np.int64)
+        return self.locate_at(np.arange(start, stop, dtype=np.int64))
+
+    def locate_at(self, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(shard index, sample index within the shard) of any int64 array of stream positions."""
         shard, sample = np.empty_like(positions), np.empty_like(positions)
         epochs, offsets = np.divmod(positions, self.epoch_size)
         if len(self.counts) == 1:

@@ -5,12 +5,13 @@ with a fixed owner, mode and mtime, so the bytes depend only on the tokens): sam
 the member `STEM-{i:06d}.tokens.npy`, a 1-D `.npy` array of `sample_len` token ids. Any webdataset
 pipeline can read it (`WebDataset(url).decode()` gives `sample["tokens.npy"]`).
 
-Because every member has the same size, the reader does not walk the tar member by member: it views
-the whole file as an (n, member_bytes) array and checks every header at once (tar header checksum,
-name, size, type, `.npy` header, token range), then returns the token block as a zero-copy view.
-That is what makes reading cost a few nanoseconds per token. Damage is reported as a `ShardError`
-naming the shard (and the sample), checked in this order: missing file, truncated tar,
-undecodable sample, sha256 different from the manifest's.
+Because every member has the same size, member i is bytes [i * member_bytes, (i + 1) * member_bytes)
+of the file: a reader fetches just the members it needs (`check_members` checks each one: tar
+header checksum, name, size, type, `.npy` header, token range) and views their tokens without a
+copy. Only the size of the file is checked for the shard as a whole (missing, truncated); the
+shard's sha256 against the manifest is checked where whole shards are read (`verify_shard_bytes`:
+`ebt data verify`, and readers under on_bad_shard=skip). Damage is a one-line `ShardError` naming
+the shard (and the sample).
 """
 from __future__ import annotations
 
@@ -100,29 +101,19 @@ def _first_bad(mask: np.ndarray) -> Optional[int]:
     return int(bad[0]) if bad.size else None
 
 
-def read_shard(
-    path: Path, *, samples: int, sample_len: int, dtype: str, sha256: str, vocab_size: int
-) -> np.ndarray:
-    """The (samples, sample_len) token block of a shard, after checking it for every kind of damage."""
-    name = str(path)
+def _damaged(where: str, kind: str, detail: str) -> ShardError:
+    return ShardError(f"damaged shard {where}: {kind}: {detail}", where, kind)
 
-    def damaged(kind: str, detail: str) -> ShardError:
-        return ShardError(f"damaged shard {name}: {kind}: {detail}", name, kind)
 
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise damaged("missing", "file not found") from None
-    stride = member_bytes(sample_len, dtype)
-    if len(data) < samples * stride + END_OF_ARCHIVE:
-        complete = min(samples, len(data) // stride)
-        raise damaged("truncated tar", f"{len(data)} bytes hold {complete} of {samples} samples and no end-of-archive")
-
-    members = np.frombuffer(data, dtype=np.uint8, count=samples * stride).reshape(samples, stride)
+def check_members(members: np.ndarray, indices: np.ndarray, *, where: str, sample_len: int, dtype: str,
+                  vocab_size: int) -> np.ndarray:
+    """The (k, sample_len) tokens of k members (rows of `members`, uint8 (k, member_bytes)) that are
+    samples `indices` of the shard at `where`, after checking each one: tar header checksum, member
+    name, size and type, `.npy` header, token ids below `vocab_size`. A zero-copy view."""
     headers = members[:, :BLOCK]
     stored_sum = _digits(headers[:, 148:154], 8)
     actual_sum = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-    stem = path.name[: -len(".tar")]
+    stem = where.rsplit("/", 1)[-1][: -len(".tar")]
     prefix = np.frombuffer(f"{stem}-".encode(), dtype=np.uint8)
     suffix = np.frombuffer(f".{SAMPLE_EXT}\0".encode(), dtype=np.uint8)
     p, s = len(prefix), len(suffix)
@@ -131,7 +122,7 @@ def read_shard(
     checks = (
         ("tar header checksum", stored_sum != actual_sum),
         ("member name", (headers[:, :p] != prefix).any(axis=1)
-         | (_digits(headers[:, p:p + 6], 10) != np.arange(samples))
+         | (_digits(headers[:, p:p + 6], 10) != indices)
          | (headers[:, p + 6:p + 6 + s] != suffix).any(axis=1)),
         ("member size", (headers[:, 124:136] != size_field).any(axis=1)),
         ("member type", headers[:, 156] != ord("0")),
@@ -140,13 +131,47 @@ def read_shard(
     for what, bad in checks:
         row = _first_bad(bad)
         if row is not None:
-            raise damaged("undecodable sample", f"{stem}-{row:06d}.{SAMPLE_EXT}: wrong {what}")
+            raise _damaged(where, "undecodable sample", f"{stem}-{int(indices[row]):06d}.{SAMPLE_EXT}: wrong {what}")
     start = BLOCK + len(npy)
     tokens = members[:, start:start + sample_len * np.dtype(dtype).itemsize].view(dtype)
-    row = _first_bad(tokens.max(axis=1) >= vocab_size)
+    row = _first_bad(tokens.max(axis=1) >= vocab_size) if len(tokens) else None
     if row is not None:
-        raise damaged("undecodable sample", f"{stem}-{row:06d}.{SAMPLE_EXT}: token id >= vocab size {vocab_size}")
+        raise _damaged(where, "undecodable sample",
+                       f"{stem}-{int(indices[row]):06d}.{SAMPLE_EXT}: token id >= vocab size {vocab_size}")
+    return tokens
+
+
+def check_size(where: str, size: Optional[int], *, samples: int, sample_len: int, dtype: str) -> None:
+    """The checks every reader can make from the file's size alone: missing, or truncated."""
+    if size is None:
+        raise _damaged(where, "missing", "file not found")
+    stride = member_bytes(sample_len, dtype)
+    if size < samples * stride + END_OF_ARCHIVE:
+        complete = min(samples, size // stride)
+        raise _damaged(where, "truncated tar", f"{size} bytes hold {complete} of {samples} samples and no end-of-archive")
+
+
+def verify_shard_bytes(data: bytes, where: str, *, samples: int, sample_len: int, dtype: str, sha256: str,
+                       vocab_size: int) -> np.ndarray:
+    """The (samples, sample_len) token block of a whole shard's bytes, after every check including sha256."""
+    check_size(where, len(data), samples=samples, sample_len=sample_len, dtype=dtype)
+    stride = member_bytes(sample_len, dtype)
+    members = np.frombuffer(data, dtype=np.uint8, count=samples * stride).reshape(samples, stride)
+    tokens = check_members(members, np.arange(samples), where=where, sample_len=sample_len, dtype=dtype,
+                           vocab_size=vocab_size)
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise damaged("bad checksum", f"sha256 {digest[:16]}... but the manifest says {sha256[:16]}...")
+        raise _damaged(where, "bad checksum", f"sha256 {digest[:16]}... but the manifest says {sha256[:16]}...")
     return tokens
+
+
+def read_shard(
+    path: Path, *, samples: int, sample_len: int, dtype: str, sha256: str, vocab_size: int
+) -> np.ndarray:
+    """The (samples, sample_len) token block of a local shard file, after checking it for every kind of damage."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise _damaged(str(path), "missing", "file not found") from None
+    return verify_shard_bytes(data, str(path), samples=samples, sample_len=sample_len, dtype=dtype, sha256=sha256,
+                              vocab_size=vocab_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterable, List, Sequence
 
 import numpy as np
 import tokenizers
@@ -70,8 +70,9 @@ class TextTokenizer:
         return path
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int) -> TextTokenizer:
-    """A byte-level BPE (GPT-2 style pre-tokenization) with `vocab_size` tokens, EOS included."""
+def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
+    """A byte-level BPE (GPT-2 style pre-tokenization) with `vocab_size` tokens, EOS included;
+    `texts` may be a stream (the trainer keeps word counts, not the texts)."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -109,17 +110,28 @@ def tokenizer_from_file(path: Path) -> TextTokenizer:
     return TextTokenizer(tok, str(file))
 
 
-def load_tokenizer(spec: str, *, sources: Sequence[Source], cache_dir: str) -> TextTokenizer:
+def tokenizer_from_json(text: str, where: str) -> TextTokenizer:
+    """A tokenizer from the text of a `tokenizer.json` (`where` names it in messages)."""
+    try:
+        tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as exc:  # the library raises a bare Exception for malformed JSON
+        raise ValueError(f"data.tokenizer: {where} is not a tokenizers JSON file ({exc})") from None
+    return TextTokenizer(tok, where)
+
+
+def load_tokenizer(spec: str, *, sources: Sequence[Source], cache_dir: str, text_field: str = "text",
+                   on_bad_record: str = "error") -> TextTokenizer:
     """The tokenizer named by `data.tokenizer`; `bpe:N` is trained on `sources` once and cached."""
     vocab_size = parse_bpe_spec(spec)
     if vocab_size is None:
         return gpt2_tokenizer() if spec == "gpt2" else tokenizer_from_file(Path(spec).expanduser())
 
     def train(tmp: Path) -> None:
-        texts = [text for source in sources for text in source.read_all()]
+        texts = (text for source in sources for text in source.read_all(text_field, on_bad_record))
         train_bpe(texts, vocab_size).save(tmp)
 
-    key = f"bpe{vocab_size}-{sources_fingerprint(list(sources))}"
+    field = "" if text_field == "text" else f"-{hashlib.sha256(text_field.encode()).hexdigest()[:8]}"
+    key = f"bpe{vocab_size}-{sources_fingerprint(list(sources))}{field}"
     folder = build_once(Path(cache_dir) / "tokenizers" / key, train, what=f"tokenizer {spec}")
     tok = tokenizer_from_file(folder)
     tok.origin = spec

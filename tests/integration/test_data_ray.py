@@ -1,5 +1,6 @@
 """`data build` on a real local Ray: 1 and 2 Ray workers write the same bytes as the in-process
-path. The command starts its own Ray on loopback (127.0.0.2, private temp dir) and must stop every
+path, for a text folder, a .jsonl.zst file cut into several byte ranges and a Parquet file of
+several row groups (the workers read their units themselves). The command starts its own Ray on loopback (127.0.0.2, private temp dir) and must stop every
 process it started, and nothing else."""
 import subprocess
 from pathlib import Path
@@ -18,13 +19,29 @@ def _ray_pids() -> set:
     return {line.split()[0] for line in out.splitlines() if "/tmp/ebt-ray-" in line}
 
 
-def test_build_with_1_and_2_ray_workers_is_byte_identical(tmp_path):
+def test_build_with_1_and_2_ray_workers_is_byte_identical(tmp_path, monkeypatch):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import pydoc_data.topics
+    import zstandard
+
+    import data_pipeline.sources as sources_module
 
     text = tmp_path / "text"
     text.mkdir()
-    for key in sorted(pydoc_data.topics.topics)[:40]:
+    keys = sorted(pydoc_data.topics.topics)
+    for key in keys[:40]:
         (text / f"{key}.txt").write_text(pydoc_data.topics.topics[key], encoding="utf-8")
+    later = [pydoc_data.topics.topics[k] for k in keys[40:100]]
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in later[:30]).encode()
+    (text / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"text": later[30:]}), text / "more.parquet", row_group_size=4)
+    monkeypatch.setattr(sources_module, "UNIT_BYTES", 5_000)  # units are planned by the driver
+    monkeypatch.setattr(sources_module, "COMPRESSED_UNIT_BYTES", 20_000)
+    units = sources_module.resolve_sources([str(text)])[0].units()
+    assert sum(u.kind == "jsonl" for u in units) >= 3 and sum(u.kind == "parquet" for u in units) >= 3
     before, temp_dirs = _ray_pids(), set(Path("/tmp").glob("ebt-ray-*"))
     outs = {}
     for workers in (0, 1, 2):

@@ -91,7 +91,7 @@ def test_build_is_deterministic_readable_by_webdataset_and_described_by_its_mani
     plays = tmp_path / "plays"
     plays.mkdir()
     for doc in shakespeare.documents[:2]:
-        (plays / Path(doc.path).name).write_text(doc.read(), encoding="utf-8")
+        (plays / Path(doc.path).name).write_text(Path(doc.path).read_text(encoding="utf-8"), encoding="utf-8")
     sources = resolve_sources([str(folder), str(plays)])
     outs = []
     for name in ("a", "b"):

@@ -59,6 +59,14 @@ def test_every_field_has_a_docstring():
     (dict(on_bad_shard="ignore"), "on_bad_shard"),
     (dict(num_workers=-1), "num_workers"),
     (dict(seed=-5), "seed"),
+    (dict(text_field=""), "text_field"),
+    (dict(on_bad_record="ignore"), "on_bad_record"),
+    (dict(remote_cache=""), "remote_cache"),
+    (dict(remote_retries=-1), "remote_retries"),
+    (dict(remote_timeout_s=0.0), "remote_timeout_s"),
+    (dict(remote_backoff_s=-1.0), "remote_backoff_s"),
+    (dict(remote_threads=0), "remote_threads"),
+    (dict(readahead_mb=0.0), "readahead_mb"),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, key):
     with pytest.raises(ValueError) as err:
