@@ -66,6 +66,9 @@ class ThinkingConfig:
     """Backpropagate each step's loss when it ends (only when steps are detached; exact)."""
     reuse_context: bool = True
     """Compute the context stream once per batch when the conditioning allows (exact)."""
+    fused_vocab: bool = True
+    """End each step with the fused, chunked candidate update + cross-entropy of
+    pretrain/model/vocab.py when it applies (grad_wrt='probs', the step's y' needs no graph); exact."""
 
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -264,24 +267,38 @@ def unroll(
             y = y + vocab_ops.shard(noise) * cfg.langevin_std
         if cfg.detach_between_steps:
             y = y.detach()
-        if not y.requires_grad:
-            y = y.requires_grad_(True)
         make_graph = cfg.create_graph == "all" or k == k_steps - 1
         step_context = context if reuse else model.prepare(context_ids, k)
-        p = vocab_ops.probs(y)
-        wrt = p if cfg.grad_wrt == "probs" else y
-        energy = model.energy_from_probs(step_context, p, k)
-        (g,) = torch.autograd.grad(energy.sum(), wrt, create_graph=make_graph)
         # alpha's (tiny) graph is rebuilt per step so a per-step backward can free it.
         alpha = model.effective_step_size() if jitter is None else model.effective_step_size() * jitter
-        y = wrt - alpha * g
-        if not make_graph and not model.step_size.requires_grad:
-            # g is a constant and alpha is fixed: nothing trainable reaches y, so keeping its
-            # chain (softmaxes of every earlier step) would only cost memory (S2 truncation).
-            y = y.detach()
-        nonfinite = nonfinite | ~torch.isfinite(g).all()
+        # y' keeps no graph when it is detached next (S1), is the last step's, or when g is a
+        # constant and alpha fixed (S2 truncation: nothing trainable reaches it).
+        cut = cfg.detach_between_steps or k == k_steps - 1 or (not make_graph and not alpha.requires_grad)
+        if cfg.fused_vocab and cfg.grad_wrt == "probs" and cut and not y.requires_grad:
+            # Fused step (pretrain/model/vocab.py): dE/dh of h = W_v2e p, then g = dE/dh @ W_v2e,
+            # y' and its CE in one chunked pass. p needs no gradient (y is a constant here).
+            with torch.no_grad():
+                p = vocab_ops.probs(y)
+            h = model.cand_embed(p)
+            energy = model.energy_from_embedding(step_context, h, k)
+            (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
+            # Without create_graph g is a constant on the plain path: W_v2e must not get its term.
+            w = model.cand_embed.weight if make_graph else model.cand_embed.weight.detach()
+            loss_k, y = vocab_ops.update_cross_entropy(p, u, w, alpha, targets)
+            nonfinite = nonfinite | ~torch.isfinite(y).all()
+        else:
+            if not y.requires_grad:
+                y = y.requires_grad_(True)
+            p = vocab_ops.probs(y)
+            wrt = p if cfg.grad_wrt == "probs" else y
+            energy = model.energy_from_probs(step_context, p, k)
+            (g,) = torch.autograd.grad(energy.sum(), wrt, create_graph=make_graph)
+            y = wrt - alpha * g
+            if cut and not cfg.detach_between_steps and k < k_steps - 1:
+                y = y.detach()
+            nonfinite = nonfinite | ~torch.isfinite(g).all()
+            loss_k = vocab_ops.cross_entropy(y, targets)
         step_energies.append(energy.detach().mean())
-        loss_k = vocab_ops.cross_entropy(y, targets)
         step_losses.append(loss_k.detach())
         if weights[k] == 0.0:
             continue

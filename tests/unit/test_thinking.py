@@ -27,7 +27,7 @@ RECIPES = {"s1": S1, "s2": S2}
 
 
 def _plain(cfg: ThinkingConfig) -> ThinkingConfig:
-    return dataclasses.replace(cfg, per_step_backward=False, reuse_context=False)
+    return dataclasses.replace(cfg, per_step_backward=False, reuse_context=False, fused_vocab=False)
 
 
 def _run(model, ids, cfg, seed, replay_rows=None):
