@@ -25,6 +25,8 @@ import torch
 
 from .model.ebt import Context, EnergyTransformer
 from .model.vocab import LOCAL_VOCAB
+from .replay import DTYPES as REPLAY_DTYPES
+from .replay import ReplayBuffer
 
 CREATE_GRAPH = ("all", "last")
 LOSS_ON = ("mean", "last")
@@ -60,6 +62,8 @@ class ThinkingConfig:
     """Replay buffer capacity in sequences (S2: 192); 0 disables it."""
     replay_fraction: float = 0.0
     """Rows added to each batch from the buffer, as a fraction of the batch (S2: 0.5)."""
+    replay_dtype: str = "float32"
+    """Storage dtype of the buffer's logits: `float32` (exact for float32 training) or `bfloat16` (half the bytes)."""
     eval_steps: int = 3
     """Thinking steps at evaluation; the System-2 gain compares them with `num_steps`."""
     per_step_backward: bool = True
@@ -94,6 +98,8 @@ class ThinkingConfig:
             raise bad("replay_fraction", "replay_size must be >= 0 and replay_fraction in [0, 1]")
         if self.replay_fraction > 0 and self.replay_size == 0:
             raise bad("replay_size", "replay_fraction > 0 needs thinking.replay_size > 0")
+        if self.replay_dtype not in REPLAY_DTYPES:
+            raise bad("replay_dtype", f"{self.replay_dtype!r} is not one of {tuple(REPLAY_DTYPES)}")
         if self.eval_steps < 1:
             raise bad("eval_steps", f"must be >= 1, got {self.eval_steps}")
         if self.loss_on == "mean" and self.create_graph == "last" and self.num_steps > 1:
@@ -102,47 +108,6 @@ class ThinkingConfig:
                 "'last' with thinking.loss_on='mean' would train early steps without their second-order "
                 "term; use loss_on='last' (S2) or create_graph='all' (S1)",
             )
-
-
-# -- replay buffer --------------------------------------------------------------------------
-class ReplayBuffer:
-    """Past sequences and their final candidate logits (S2). Rows drawn from it start thinking
-    from their stored logits instead of noise. A ring buffer; its state is checkpointable."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.ids: Optional[torch.Tensor] = None
-        self.logits: Optional[torch.Tensor] = None
-        self.size = 0
-        self.next = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
-        ids, logits = ids.detach(), logits.detach()
-        if self.ids is None:
-            self.ids = ids.new_zeros((self.capacity, *ids.shape[1:]))
-            self.logits = logits.new_zeros((self.capacity, *logits.shape[1:]))
-        for row in range(ids.shape[0]):
-            self.ids[self.next] = ids[row]
-            self.logits[self.next] = logits[row]
-            self.next = (self.next + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
-
-    def sample(self, n: int, generator: Optional[torch.Generator]):
-        idx = torch.randint(0, self.size, (n,), generator=generator, device="cpu").to(self.ids.device)
-        return self.ids[idx], self.logits[idx]
-
-    def state_dict(self) -> dict:
-        state = {"size": self.size, "next": self.next, "capacity": self.capacity}
-        if self.ids is not None:
-            state.update(ids=self.ids, logits=self.logits)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.capacity, self.size, self.next = int(state["capacity"]), int(state["size"]), int(state["next"])
-        self.ids, self.logits = state.get("ids"), state.get("logits")
 
 
 # -- training unroll ------------------------------------------------------------------------

@@ -298,7 +298,7 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, cfg)
         self.generator = torch.Generator().manual_seed(tc.seed)
         th = cfg.thinking
-        self.replay = ReplayBuffer(th.replay_size) if self.is_ebt and th.replay_size > 0 else None
+        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype) if self.is_ebt and th.replay_size > 0 else None
         self.step_fn = (
             EBTStep(self.model, cfg, self.generator, self.replay, self.pm) if self.is_ebt
             else TransformerPPStep(self.model, cfg, self.pm)
