@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -184,12 +183,14 @@ def model_flops(row: Row, model, seq: int, n_rows: int) -> float:
 
 
 def rss_child(args) -> None:
-    """Runs one configuration alone (3 steps) and prints its peak RSS in MB as JSON."""
+    """Runs one configuration alone (3 steps) and prints its peak RSS in MB as JSON (Linux)."""
     row = next(r for r in rows(args) if r.name == args.rss_child)
     step, _, _ = make_step(row, size_of(args), args.batch, args.seq, torch.device(args.device))
     for _ in range(3):
         step()
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: the latter includes the parent's RSS copied at fork, before exec.
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    print(json.dumps({"rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def peak_rss(args, name: str) -> float:

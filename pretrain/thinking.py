@@ -249,8 +249,8 @@ def unroll(
             (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
             # Without create_graph g is a constant on the plain path: W_v2e must not get its term.
             w = model.cand_embed.weight if make_graph else model.cand_embed.weight.detach()
-            loss_k, y = vocab_ops.update_cross_entropy(p, u, w, alpha, targets)
-            nonfinite = nonfinite | ~torch.isfinite(y).all()
+            loss_k, y, finite = vocab_ops.update_cross_entropy(p, u, w, alpha, targets)
+            nonfinite = nonfinite | ~finite
         else:
             if not y.requires_grad:
                 y = y.requires_grad_(True)

@@ -45,7 +45,7 @@ def _rows_per_chunk(vocab: int) -> int:
 
 
 class FusedUpdateCE(torch.autograd.Function):
-    """(p, u, W, alpha, targets) -> (mean CE of y' = p - alpha * (u @ W), y').
+    """(p, u, W, alpha, targets) -> (mean CE of y' = p - alpha * (u @ W), y', all y' finite).
 
     p (N, V), u (N, D), W (D, V), alpha (N, 1) or a one-element tensor, targets (N,) with -100
     for padding. `p is None` means the plain product y' = u @ W (alpha unused, y' not kept: the
@@ -74,63 +74,77 @@ class FusedUpdateCE(torch.autograd.Function):
         local_t = local_t.clamp(0, v_local - 1)
         y_next = None if linear else torch.empty(n, v_local, dtype=p.dtype, device=u.device)
         loss = torch.zeros((), dtype=work, device=u.device)
+        finite = torch.ones((), dtype=torch.bool, device=u.device)
         grad_p = torch.empty(n, v_local, dtype=work, device=u.device) if need_p else None
         grad_u = torch.empty(n, u.shape[1], dtype=work, device=u.device) if need_u else None
         grad_w = torch.zeros(w.shape, dtype=work, device=u.device) if need_w else None
         grad_a = torch.empty(n, 1, dtype=work, device=u.device) if need_a else None
+        # valid / n_valid folded into the (rows, D)-sized operands instead of a pass over r.
+        row_scale = valid.to(work).unsqueeze(-1) / n_valid
         step = _rows_per_chunk(v_local)
         for lo in range(0, n, step):
             sl = slice(lo, min(n, lo + step))
             uc = u[sl].to(work)
-            g = uc @ w_work
             if linear:
-                yn = g
+                yn = uc @ w_work
             else:
                 ac = coef[sl]
-                yn = torch.addcmul(p[sl].to(work), ac, g, value=-1.0)
-                y_next[sl] = yn
-            shift = yn.amax(-1, keepdim=True)
-            if group is not None:
-                dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-            ex = torch.exp(yn - shift)
+                out = y_next[sl] if y_next.dtype == work else None
+                yn = torch.addcmul(p[sl].to(work), ac, uc @ w_work, value=-1.0, out=out)
+                if out is None:
+                    y_next[sl] = yn
+            # Only the softmax kernels: torch.exp takes a ~8x slower path on the very negative
+            # arguments a candidate's logits give (measured), softmax/log_softmax do not.
+            top, arg = yn.max(-1, keepdim=True)
+            finite &= torch.isfinite(top).all() & torch.isfinite(yn.amin(-1)).all()
+            log_p = torch.log_softmax(yn, -1)
+            lse = top - log_p.gather(-1, arg)  # log-sum-exp of this rank's slice, exact at the max
             tl = yn.gather(-1, local_t[sl, None]) * inside[sl, None]
-            sums = torch.cat([ex.sum(-1, keepdim=True), tl], dim=-1)
             if group is not None:
-                dist.all_reduce(sums, group=group)  # one collective: sum of exp and the target logit
-            lse = torch.log(sums[:, :1]) + shift
-            loss += ((lse - sums[:, 1:]).squeeze(-1) * valid[sl]).sum()
+                # Full-V log-sum-exp from the slices' ones: max, then one sum of exp and target logit.
+                lse_max = lse.clone()
+                dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+                sums = torch.cat([torch.exp(lse - lse_max), tl], dim=-1)
+                dist.all_reduce(sums, group=group)
+                full_lse, tl = lse_max + torch.log(sums[:, :1]), sums[:, 1:]
+            else:
+                full_lse = lse
+            loss += ((full_lse - tl).squeeze(-1) * valid[sl]).sum()
             if not (need_p or need_u or need_w or need_a):
                 continue
-            # r = dloss/dy' of this chunk: (softmax(y') - onehot(target)) * valid / n_valid
-            r = ex.div_(sums[:, :1])
+            # r = dloss/dy' * n_valid / valid of this chunk: softmax(y') - onehot(target).
+            r = torch.softmax(yn, -1)
+            if group is not None:
+                r.mul_(torch.exp(lse - full_lse))
             rows = inside[sl].nonzero().squeeze(-1)
             r[rows, local_t[sl][rows]] -= 1.0
-            r.mul_(valid[sl, None].to(work) / n_valid)
-            if need_a:
-                grad_a[sl] = -(g * r).sum(-1, keepdim=True)
-            if need_u:
-                grad_u[sl] = r @ w_work.T if linear else (r @ w_work.T).mul_(-ac)
+            scale = row_scale[sl] if linear else row_scale[sl] * -ac
+            if need_u or need_a:
+                r_w = r @ w_work.T
+                if need_u:
+                    grad_u[sl] = r_w * scale
+                if need_a:
+                    # sum_v g_v r_v with g = u @ W is u . (r @ W^T): no (rows, V) product needed.
+                    grad_a[sl] = -(uc * r_w).sum(-1, keepdim=True) * row_scale[sl]
             if need_w:
-                if linear:
-                    grad_w.addmm_(uc.T, r)
-                else:
-                    grad_w.addmm_((uc * ac).T, r, alpha=-1.0)
+                torch.addmm(grad_w, (uc * scale).T, r, out=grad_w)
             if need_p:
-                grad_p[sl] = r
+                grad_p[sl] = r * row_scale[sl]
         loss = loss / n_valid
         if group is not None and need_u:
             # u is replicated and feeds every rank's slice: its gradient is the sum of the partials.
             dist.all_reduce(grad_u, group=group)
+        ctx.mark_non_differentiable(finite)
         if y_next is not None:
             ctx.mark_non_differentiable(y_next)
         ctx.alpha_shape = None if alpha is None else alpha.shape
         ctx.dtypes = (None if linear else p.dtype, u.dtype, w.dtype, None if alpha is None else alpha.dtype)
         ctx.save_for_backward(grad_p, grad_u, grad_w, grad_a)
-        return loss, y_next
+        return loss, y_next, finite
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, _grad_y_next):
+    def backward(ctx, grad_loss, _grad_y_next, _grad_finite):
         grad_p, grad_u, grad_w, grad_a = ctx.saved_tensors
         p_dt, u_dt, w_dt, a_dt = ctx.dtypes
 
@@ -148,15 +162,16 @@ class FusedUpdateCE(torch.autograd.Function):
 def fused_update_cross_entropy(
     probs: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor,
     group=None, start: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, .) shapes in, flattened for the Function: returns (loss, y' of shape (B, S, V_local)).
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, .) shapes in, flattened for the Function: returns (loss, y' of shape (B, S, V_local),
+    a bool tensor: every y' is finite).
     alpha: a one-element tensor or broadcastable to (B, S, 1)."""
     batch, seq, v_local = probs.shape
     a = alpha if alpha.numel() == 1 else alpha.expand(batch, seq, 1).reshape(batch * seq, 1)
-    loss, y_next = FusedUpdateCE.apply(
+    loss, y_next, finite = FusedUpdateCE.apply(
         probs.reshape(-1, v_local), u.reshape(-1, u.shape[-1]), weight, a, targets.reshape(-1), group, start
     )
-    return loss, y_next.view(batch, seq, v_local)
+    return loss, y_next.view(batch, seq, v_local), finite
 
 
 def fused_linear_cross_entropy(
@@ -164,7 +179,7 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean CE of hidden (B, S, D) @ weight.T (weight (V, D), an LM head) without keeping the
     (B, S, V) logits (FusedUpdateCE with p = None)."""
-    loss, _ = FusedUpdateCE.apply(
+    loss, _, _ = FusedUpdateCE.apply(
         None, hidden.reshape(-1, hidden.shape[-1]), weight.T, None, targets.reshape(-1), group, start
     )
     return loss
@@ -185,8 +200,8 @@ class LocalVocab:
 
     def update_cross_entropy(
         self, probs: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, targets: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(CE(y'), y') for y' = probs - alpha * (u @ weight), fused and chunked (module docstring)."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CE(y'), y', all y' finite) for y' = probs - alpha * (u @ weight), fused and chunked (module docstring)."""
         return fused_update_cross_entropy(probs, u, weight, alpha, targets)
 
     def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def test_update_cross_entropy_equals_plain_ops(per_row_alpha, monkeypatch):
     y_ref = p - alpha * (u @ w)
     loss_ref = F.cross_entropy(y_ref.flatten(0, 1), targets.flatten(), ignore_index=-100)
     grads_ref = torch.autograd.grad(loss_ref, (p, u, w, alpha))
-    loss, y = fused_update_cross_entropy(p, u, w, alpha, targets)
+    loss, y, finite = fused_update_cross_entropy(p, u, w, alpha, targets)
+    assert finite.item()
     grads = torch.autograd.grad(loss * 1.0, (p, u, w, alpha))
     assert abs(loss.item() - loss_ref.item()) < 1e-12
     assert not y.requires_grad and _rel(y, y_ref.detach()) < 1e-14
@@ -56,7 +57,7 @@ def test_update_cross_entropy_equals_plain_ops(per_row_alpha, monkeypatch):
 def test_update_cross_entropy_passes_gradcheck_and_refuses_double_backward():
     p, u, w, alpha, targets = _inputs(True, seed=1)
     assert torch.autograd.gradcheck(lambda *x: fused_update_cross_entropy(*x, targets)[0], (p, u, w, alpha))
-    loss, _ = fused_update_cross_entropy(p, u, w, alpha, targets)
+    loss, _, _ = fused_update_cross_entropy(p, u, w, alpha, targets)
     scale = torch.ones((), dtype=torch.float64, requires_grad=True)
     (gu,) = torch.autograd.grad(loss, u, grad_outputs=scale, create_graph=True)
     # Its backward is once-differentiable: a second derivative through it must fail loudly.
@@ -126,3 +127,10 @@ def test_negative_control_dropping_the_second_order_term_is_caught(monkeypatch):
     assert abs(loss_plain - loss_bad) < 1e-10
     worst = max((g_bad[n] - g_plain[n]).abs().max().item() for n in g_plain if g_bad[n] is not None)
     assert worst > 1e-6
+
+
+def test_nonfinite_candidates_are_flagged():
+    p, u, w, alpha, targets = _inputs(False, seed=2)
+    with torch.no_grad():
+        u[1, 2, 0] = float("inf")
+    assert not fused_update_cross_entropy(p.detach(), u.detach(), w.detach(), alpha.detach(), targets)[2].item()
