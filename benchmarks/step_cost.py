@@ -183,10 +183,10 @@ def model_flops(row: Row, model, seq: int, n_rows: int) -> float:
 
 
 def rss_child(args) -> None:
-    """Runs one configuration alone (3 steps) and prints its peak RSS in MB as JSON (Linux)."""
+    """Runs one configuration alone (2 steps) and prints its peak RSS in MB as JSON (Linux)."""
     row = next(r for r in rows(args) if r.name == args.rss_child)
     step, _, _ = make_step(row, size_of(args), args.batch, args.seq, torch.device(args.device))
-    for _ in range(3):
+    for _ in range(2):
         step()
     # VmHWM, not ru_maxrss: the latter includes the parent's RSS copied at fork, before exec.
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated substrings of row names to keep")
     ap.add_argument("--replay-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--rss", action="store_true", help="also measure each row's peak RSS in a fresh process")
+    ap.add_argument("--rss", action="store_true", help="also measure each EBT row's peak RSS in a fresh process")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -248,7 +248,7 @@ def main() -> None:
         floors = [flops / rate / c for rate, c in zip(rates, s.cpu)]
         results[r.name] = dict(row=r, rows=n_rows, saved=meter.peak, flops=flops,
                                model_flops=model_flops(r, model, args.seq, n_rows), floor=floors,
-                               rss=peak_rss(args, r.name) if args.rss else None)
+                               rss=peak_rss(args, r.name) if args.rss and r.kind == "ebt" else None)
 
     print(f"\nV={args.vocab} D={args.dim} layers={args.layers} heads={args.heads} batch={args.batch} "
           f"seq={args.seq} threads={args.threads} device={device} rounds={args.rounds} (+{args.warmup} warm-up)"
@@ -273,7 +273,7 @@ def main() -> None:
                 f"{res['saved'] / 2**20:.1f} | {x_mem} | {res['flops'] / 1e9:.2f} | {res['model_flops'] / 1e9:.2f} | "
                 f"{quartiles(res['floor'])[1]:.0%} |")
         if args.rss:
-            line += f" {res['rss']:.0f} |"
+            line += f" {res['rss']:.0f} |" if res["rss"] is not None else " - |"
         print(line)
 
 
