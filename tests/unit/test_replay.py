@@ -3,7 +3,6 @@ stored, the storage dtype option, the older checkpoint layout, and an exact resu
 training through a saved and reloaded buffer."""
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import pytest
