@@ -1,41 +1,91 @@
-"""Time and memory of one training step: EBT (S1, S2; 1..8 thinking steps) against the
-Transformer++ baseline of the same size, on CPU (or on a GPU with --device cuda).
+"""Time and memory of one training step: EBT (S1 and the real S2 recipe) against the
+Transformer++ baseline of the same size, interleaved in rounds, on CPU (or --device cuda).
 
-Memory is measured as the peak of *saved-tensor* bytes (what autograd keeps alive for the
-backward; the quantity that grows with thinking steps), counted once per storage through
-`torch.autograd.graph.saved_tensors_hooks`. On CUDA the allocator's peak is reported too.
+What it does, and why:
+* flush-to-zero (`torch.set_flush_denormal(True)`) as the trainer sets it: without it the GEMMs
+  of a fresh model meet subnormal operands and run ~3x slower;
+* every configuration runs once per round (A B C A B C ...), after `--warmup` untimed rounds;
+  times are medians over rounds with interquartile ranges [q1-q3], of CPU time (this process
+  only) and of wall time; ratios to the Transformer++ are taken within a round, then their
+  median, so a load swing on a shared machine cancels out;
+* the matmul rate is measured in every round, on the step's largest GEMM shape
+  ((B*S) x D x max(V, 4D)); "floor" is the step's matmul FLOPs (counted by
+  torch.utils.flop_counter on one step) at that round's rate, and "floor %" the fraction of the
+  step's CPU time it is: the rest is elementwise work, softmaxes and dispatch overhead.
+  The FLOPs of pretrain/flops.py's model (what tokens/s and MFU use) are printed beside;
+* fair settings: `fused` rows give the EBT the fused candidate update of
+  pretrain/model/vocab.py and the Transformer++ the same fused, chunked LM-head
+  cross-entropy (`TransformerPP.loss`); `unfused` rows are both without (the plain ops). Each
+  EBT row's ratio is to the Transformer++ on the same settings;
+* S2 rows are configs/recipe/s2.yaml (time_embed, fixed alpha 5 redrawn per token in
+  [2.5, 10], Langevin noise 3, no detach, second-order graph on the last step, replay buffer
+  of 192 adding 50% rows), at 2 and at 3 steps (the recipe draws 2 or 3 per batch);
+* saved MB: the peak of distinct storages autograd holds for backward (`saved_tensors_hooks`);
+  `--rss` also runs each configuration alone in a fresh process and reports its peak RSS.
 
-Arithmetic vs overhead: FLOPs of a step are counted with `torch.utils.flop_counter` (every
-matmul of the forward, the dE/dy backward and the second-order backward); divided by the
-measured matmul rate of this machine they give the time the arithmetic needs at that rate;
-the remainder of the measured time is overhead (elementwise ops, softmax, dispatch, autograd).
-
-    python benchmarks/step_cost.py                 # the tiny config of the issue, one thread
-    python benchmarks/step_cost.py --size xxs      # xxs with vocab 50k (S1 2 steps vs Transformer++)
+    python benchmarks/step_cost.py                      # V = 50277 (GPT-2 + 20), D 128, 2 blocks
+    python benchmarks/step_cost.py --vocab 512          # the body-dominated tiny config
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
+import json
+import subprocess
+import sys
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.model import build_model
-from pretrain.thinking import ThinkingConfig, unroll
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import fmt, load_line, quartiles, run_rounds, within_round_ratios  # noqa: E402
 
-SIZES = {
-    "tiny": dict(dim=128, num_layers=2, num_heads=2, vocab_size=512, max_seq_len=64),
-    "xxs": dict(dim=384, num_layers=6, num_heads=6, vocab_size=50257, max_seq_len=64),
-}
+from pretrain.flops import ebt_step_flops, transformer_pp_step_flops  # noqa: E402
+from pretrain.model import build_model  # noqa: E402
+from pretrain.replay import ReplayBuffer  # noqa: E402
+from pretrain.thinking import ThinkingConfig, unroll  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 S1 = ThinkingConfig(num_steps=2)
-S2 = ThinkingConfig(num_steps=2, detach_between_steps=False, create_graph="last", loss_on="last",
-                    step_size_jitter=2.0, langevin_std=3.0)
-PLAIN = dict(per_step_backward=False, reuse_context=False)
+
+
+def s2_recipe() -> tuple:
+    """(model overrides, ThinkingConfig) of configs/recipe/s2.yaml."""
+    recipe = OmegaConf.to_container(OmegaConf.load(REPO / "configs/recipe/s2.yaml"))
+    return recipe["model"], ThinkingConfig(**recipe["thinking"])
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    kind: str  # "tpp" or "ebt"
+    fused: bool
+    model: dict
+    thinking: ThinkingConfig | None = None
+    steps: int = 0
+    baseline: str = ""
+
+
+def rows(args) -> list:
+    s2_model, s2 = s2_recipe()
+    out = []
+    for fused in (True, False):
+        tag = "fused" if fused else "unfused"
+        base = f"T++ {tag}"
+        out.append(Row(base, "tpp", fused, dict(arch="transformer++")))
+        for variant in ("default", "time_embed"):
+            out.append(Row(f"EBT S1 {variant} {tag}", "ebt", fused,
+                           dict(ebt_type=variant, step_size=500.0, learn_step_size=True),
+                           dataclasses.replace(S1, fused_vocab=fused), 2, base))
+        for n in (2, 3):
+            out.append(Row(f"EBT S2 {tag} {n} steps", "ebt", fused, dict(s2_model),
+                           dataclasses.replace(s2, fused_vocab=fused, replay_dtype=args.replay_dtype), n, base))
+    return [r for r in out if not args.only or any(o in r.name for o in args.only.split(","))]
 
 
 class SavedTensorMeter:
@@ -78,98 +128,153 @@ class _Holder:
         self.tensor = t
 
 
-def make_step(kind: str, model, thinking: ThinkingConfig | None, batch, seq, device):
+def make_step(row: Row, size: dict, batch: int, seq: int, device: torch.device):
+    """(step function, model, rows per step) for one configuration."""
+    torch.manual_seed(0)
+    model = build_model(dict(size, **row.model)).to(device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.vocab_size, (batch, seq + 1), generator=gen).to(device)
-    if kind == "transformer++":
+    if row.kind == "tpp":
         def step():
-            logits = model(ids[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-    else:
-        def step():
-            unroll(model, ids, thinking, generator=gen)
-    return step
+            model.zero_grad(set_to_none=True)
+            if row.fused:
+                loss = model.loss(ids[:, :-1], ids[:, 1:])
+            else:
+                loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+        return step, model, batch
+    cfg = row.thinking
+    replay = ReplayBuffer(cfg.replay_size, cfg.replay_dtype) if cfg.replay_size else None
+    if replay is not None:
+        # The buffer is never empty in steady state: every step adds 50% rows from it.
+        with torch.no_grad():
+            replay.add(ids, torch.randn(batch, seq, model.vocab_size, generator=gen).to(device))
+    extra = int(round(cfg.replay_fraction * batch)) if replay is not None else 0
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        unroll(model, ids, cfg, generator=gen, replay=replay, num_steps=row.steps)
+    return step, model, batch + extra
 
 
-def measure(step, device, repeats: int):
-    step()  # warm-up
-    model_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        model_sync()
-        t0 = time.perf_counter()
+def matmul_rate(n: int, k: int, m: int, device: torch.device) -> float:
+    """FLOP/s of an (n x k) @ (k x m) product in this process's CPU time (wall time on CUDA),
+    best of 5 runs of 4 products: what the step's CPU times are compared with."""
+    a, b = torch.randn(n, k, device=device), torch.randn(k, m, device=device)
+    a @ b
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = clock()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, clock() - t0)
+    return 4 * 2 * n * k * m / best
+
+
+def model_flops(row: Row, model, seq: int, n_rows: int) -> float:
+    if row.kind == "tpp":
+        return transformer_pp_step_flops(model.cfg, seq, n_rows)
+    return ebt_step_flops(model.cfg, seq, n_rows, row.steps, row.thinking.create_graph, row.thinking.reuse_context)
+
+
+def rss_child(args) -> None:
+    """Runs one configuration alone (2 steps) and prints its peak RSS in MB as JSON (Linux)."""
+    row = next(r for r in rows(args) if r.name == args.rss_child)
+    step, _, _ = make_step(row, size_of(args), args.batch, args.seq, torch.device(args.device))
+    for _ in range(2):
         step()
-        model_sync()
-        times.append(time.perf_counter() - t0)
-    meter = SavedTensorMeter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-        step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return statistics.median(times), meter.peak, counter.get_total_flops(), cuda_peak
+    # VmHWM, not ru_maxrss: the latter includes the parent's RSS copied at fork, before exec.
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    print(json.dumps({"rss_mb": int(hwm.split()[1]) / 1024}))
 
 
-def matmul_rate(dim: int, device) -> float:
-    a = torch.randn(512, dim, device=device)
-    b = torch.randn(dim, dim, device=device)
-    for _ in range(3):
-        a @ b
-    n = 20
-    t0 = time.perf_counter()
-    for _ in range(n):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 512 * dim * dim * n / (time.perf_counter() - t0)
+def peak_rss(args, name: str) -> float:
+    cmd = [sys.executable, __file__, "--rss-child", name] + [a for a in sys.argv[1:] if a != "--rss"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rss_mb"]
+
+
+def size_of(args) -> dict:
+    return dict(dim=args.dim, num_layers=args.layers, num_heads=args.heads, vocab_size=args.vocab,
+                max_seq_len=args.seq)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--vocab", type=int, default=50277)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", default="1,2,4,8")
+    ap.add_argument("--only", default="", help="comma-separated substrings of row names to keep")
+    ap.add_argument("--replay-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rss", action="store_true", help="also measure each EBT row's peak RSS in a fresh process")
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args.rss_child:
+        return rss_child(args)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    size = SIZES[args.size]
-    step_counts = [int(s) for s in args.steps.split(",")]
+    size = size_of(args)
+    table = rows(args)
+    built = {r.name: make_step(r, size, args.batch, args.seq, device) for r in table}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_mm = args.batch * args.seq
+    rate_shape = (n_mm, args.dim, max(args.vocab, 4 * args.dim))
+    samples, rates = run_rounds({n: b[0] for n, b in built.items()}, args.rounds, args.warmup, sync,
+                                per_round=lambda: matmul_rate(*rate_shape, device))
 
-    rows = []
-    base = build_model(dict(size, arch="transformer++")).to(device)
-    t_base, m_base, f_base, c_base = measure(make_step("transformer++", base, None, args.batch, args.seq, device),
-                                             device, args.repeats)
-    rows.append(("transformer++", "-", "-", t_base, m_base, f_base, c_base))
-    configs = []
-    for variant in ("default", "time_embed"):
-        for recipe_name, recipe in (("S1", S1), ("S2", S2)):
-            for n in step_counts:
-                configs.append((variant, recipe_name, dataclasses.replace(recipe, num_steps=n), n, "lean"))
-        configs.append((variant, "S1", S1, 2, "plain"))
-    for variant, recipe_name, recipe, n, path in configs:
-        model = build_model(dict(size, ebt_type=variant, attention="two_stream" if path == "lean" else "reference",
-                                 learn_step_size=recipe_name == "S1")).to(device)
-        cfg = recipe if path == "lean" else dataclasses.replace(recipe, **PLAIN)
-        t, m, f, c = measure(make_step("ebt", model, cfg, args.batch, args.seq, device), device, args.repeats)
-        rows.append((f"ebt {variant} {path}", recipe_name, n, t, m, f, c))
+    results = {}
+    for r in table:
+        step, model, n_rows = built[r.name]
+        meter = SavedTensorMeter()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        s = samples[r.name]
+        floors = [flops / rate / c for rate, c in zip(rates, s.cpu)]
+        results[r.name] = dict(row=r, rows=n_rows, saved=meter.peak, flops=flops,
+                               model_flops=model_flops(r, model, args.seq, n_rows), floor=floors,
+                               rss=peak_rss(args, r.name) if args.rss and r.kind == "ebt" else None)
 
-    rate = matmul_rate(size["dim"], device)
-    print(f"\nsize={args.size} {size} batch={args.batch} seq={args.seq} threads={args.threads} device={device}")
-    print(f"measured matmul rate: {rate / 1e9:.1f} GFLOP/s\n")
-    header = "| model | recipe | steps | ms/step | x T++ time | saved MB | x T++ mem | GFLOP | arith ms | overhead |"
-    print(header)
-    print("|---" * 10 + "|")
-    for name, recipe, n, t, m, f, c in rows:
-        arith = f / rate
-        print(f"| {name} | {recipe} | {n} | {t * 1e3:.1f} | {t / t_base:.2f} | {m / 2**20:.1f} | "
-              f"{m / m_base:.2f} | {f / 1e9:.2f} | {arith * 1e3:.1f} | {max(0.0, 1 - arith / t):.0%} |")
+    print(f"\nV={args.vocab} D={args.dim} layers={args.layers} heads={args.heads} batch={args.batch} "
+          f"seq={args.seq} threads={args.threads} device={device} rounds={args.rounds} (+{args.warmup} warm-up)"
+          f" flush-to-zero on")
+    print(f"matmul rate ({rate_shape[0]}x{rate_shape[1]}x{rate_shape[2]}), per round: "
+          f"{fmt(rates, 1e-9)} GFLOP/s")
+    print(load_line(samples) + "\n")
+    head = ("| config | rows | CPU ms | wall ms | x T++ CPU | x T++ wall | saved MB | x T++ saved | "
+            "GFLOP counted | GFLOP flops.py | floor % |" + (" peak RSS MB |" if args.rss else ""))
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
+    for r in table:
+        res, s = results[r.name], samples[r.name]
+        if r.baseline:
+            b = samples[r.baseline]
+            x_cpu = fmt(within_round_ratios(s.cpu, b.cpu), digits=2)
+            x_wall = fmt(within_round_ratios(s.wall, b.wall), digits=2)
+            x_mem = f"{res['saved'] / results[r.baseline]['saved']:.2f}"
+        else:
+            x_cpu = x_wall = x_mem = "1"
+        line = (f"| {r.name} | {res['rows']} | {fmt(s.cpu, 1e3)} | {fmt(s.wall, 1e3)} | {x_cpu} | {x_wall} | "
+                f"{res['saved'] / 2**20:.1f} | {x_mem} | {res['flops'] / 1e9:.2f} | {res['model_flops'] / 1e9:.2f} | "
+                f"{quartiles(res['floor'])[1]:.0%} |")
+        if args.rss:
+            line += f" {res['rss']:.0f} |" if res["rss"] is not None else " - |"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -156,8 +156,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
             layer.forward_masked = _checkpointed(layer.forward_masked)
             layer.forward_prediction = _vjp_checkpointed_prediction(layer)
     elif mode == "step":
-        if not hasattr(model, "energy_from_probs"):
+        if not hasattr(model, "energy_from_embedding"):
             raise ValueError("parallel.activation_checkpointing='step' needs an energy model; use 'block'")
-        model.energy_from_probs = _checkpointed(model.energy_from_probs)
+        # energy_from_probs calls it too, so the plain and the fused thinking step both checkpoint.
+        model.energy_from_embedding = _checkpointed(model.energy_from_embedding)
     model.activation_checkpointing = mode
     return model

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pretrain.model.ebt import EnergyTransformer
 from pretrain.model.layers import apply_rope
 from pretrain.model.transformer_pp import TransformerPP
+from pretrain.model.vocab import fused_linear_cross_entropy, fused_update_cross_entropy
 
 from .dims import ParallelDims, check_model_fits
 from .plan import full_width, tp_shard_dim  # noqa: F401 - re-exported
@@ -266,6 +267,16 @@ class VocabParallel:
         target_logit = reduce_from_tp(y.gather(-1, local.unsqueeze(-1)).squeeze(-1) * inside.to(work), self.group)
         valid = (targets != -100).to(work)
         return ((lse - target_logit) * valid).sum() / valid.sum()
+
+    def update_cross_entropy(self, probs, u, weight, alpha, targets):
+        """The fused step end of pretrain.model.vocab on this rank's V-slice (probs, weight,
+        y'); u, alpha, targets and the loss are replicated. alpha arrives through copy_to_tp
+        (`_tp_effective_step_size`), which sums the Function's partial alpha gradients."""
+        return fused_update_cross_entropy(probs, u, weight, alpha, targets, self.group, self.start)
+
+    def linear_cross_entropy(self, hidden, weight, targets):
+        """Fused LM-head CE on this rank's rows of the head (weight (V_local, D)), hidden replicated."""
+        return fused_linear_cross_entropy(hidden, weight, targets, self.group, self.start)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """The full-V tensor from every rank's slice (no gradient: inference and export)."""

@@ -25,6 +25,8 @@ import torch
 
 from .model.ebt import Context, EnergyTransformer
 from .model.vocab import LOCAL_VOCAB
+from .replay import DTYPES as REPLAY_DTYPES
+from .replay import ReplayBuffer
 
 CREATE_GRAPH = ("all", "last")
 LOSS_ON = ("mean", "last")
@@ -60,12 +62,17 @@ class ThinkingConfig:
     """Replay buffer capacity in sequences (S2: 192); 0 disables it."""
     replay_fraction: float = 0.0
     """Rows added to each batch from the buffer, as a fraction of the batch (S2: 0.5)."""
+    replay_dtype: str = "float32"
+    """Storage dtype of the buffer's logits: `float32` (exact for float32 training) or `bfloat16` (half the bytes)."""
     eval_steps: int = 3
     """Thinking steps at evaluation; the System-2 gain compares them with `num_steps`."""
     per_step_backward: bool = True
     """Backpropagate each step's loss when it ends (only when steps are detached; exact)."""
     reuse_context: bool = True
     """Compute the context stream once per batch when the conditioning allows (exact)."""
+    fused_vocab: bool = True
+    """End each step with the fused, chunked candidate update + cross-entropy of
+    pretrain/model/vocab.py when it applies (grad_wrt='probs', the step's y' needs no graph); exact."""
 
     @property
     def trained_steps(self) -> int:
@@ -96,6 +103,8 @@ class ThinkingConfig:
             raise bad("replay_fraction", "replay_size must be >= 0 and replay_fraction in [0, 1]")
         if self.replay_fraction > 0 and self.replay_size == 0:
             raise bad("replay_size", "replay_fraction > 0 needs thinking.replay_size > 0")
+        if self.replay_dtype not in REPLAY_DTYPES:
+            raise bad("replay_dtype", f"{self.replay_dtype!r} is not one of {tuple(REPLAY_DTYPES)}")
         if self.eval_steps < 1:
             raise bad("eval_steps", f"must be >= 1, got {self.eval_steps}")
         if self.loss_on == "mean" and self.create_graph == "last" and self.num_steps > 1:
@@ -104,47 +113,6 @@ class ThinkingConfig:
                 "'last' with thinking.loss_on='mean' would train early steps without their second-order "
                 "term; use loss_on='last' (S2) or create_graph='all' (S1)",
             )
-
-
-# -- replay buffer --------------------------------------------------------------------------
-class ReplayBuffer:
-    """Past sequences and their final candidate logits (S2). Rows drawn from it start thinking
-    from their stored logits instead of noise. A ring buffer; its state is checkpointable."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.ids: Optional[torch.Tensor] = None
-        self.logits: Optional[torch.Tensor] = None
-        self.size = 0
-        self.next = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
-        ids, logits = ids.detach(), logits.detach()
-        if self.ids is None:
-            self.ids = ids.new_zeros((self.capacity, *ids.shape[1:]))
-            self.logits = logits.new_zeros((self.capacity, *logits.shape[1:]))
-        for row in range(ids.shape[0]):
-            self.ids[self.next] = ids[row]
-            self.logits[self.next] = logits[row]
-            self.next = (self.next + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
-
-    def sample(self, n: int, generator: Optional[torch.Generator]):
-        idx = torch.randint(0, self.size, (n,), generator=generator, device="cpu").to(self.ids.device)
-        return self.ids[idx], self.logits[idx]
-
-    def state_dict(self) -> dict:
-        state = {"size": self.size, "next": self.next, "capacity": self.capacity}
-        if self.ids is not None:
-            state.update(ids=self.ids, logits=self.logits)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.capacity, self.size, self.next = int(state["capacity"]), int(state["size"]), int(state["next"])
-        self.ids, self.logits = state.get("ids"), state.get("logits")
 
 
 # -- randomness ---------------------------------------------------------------------------------
@@ -386,21 +354,35 @@ def unroll(
             y = y + vocab_ops.shard(draws.langevin(k, (rows, seq, vocab), device, dtype)) * cfg.langevin_std
         if cfg.detach_between_steps:
             y = y.detach()
-        if not y.requires_grad:
-            y = y.requires_grad_(True)
         make_graph = cfg.create_graph == "all" or k == k_steps - 1
         step_context = context if reuse else model.prepare(context_ids, k)
         # alpha's (tiny) graph is rebuilt per step so a per-step backward can free it.
         alpha = model.effective_step_size() if jitter is None else model.effective_step_size() * jitter
-        energy, g, y = descend(vocab_ops, lambda p: model.energy_from_probs(step_context, p, k), y, alpha,
-                               grad_wrt=cfg.grad_wrt, create_graph=make_graph)
-        if not make_graph and not model.step_size.requires_grad:
-            # g is a constant and alpha is fixed: nothing trainable reaches y, so keeping its
-            # chain (softmaxes of every earlier step) would only cost memory (S2 truncation).
-            y = y.detach()
-        nonfinite = nonfinite | ~torch.isfinite(g).all()
+        # y' keeps no graph when it is detached next (S1), is the last step's, or when g is a
+        # constant and alpha fixed (S2 truncation: nothing trainable reaches it).
+        cut = cfg.detach_between_steps or k == k_steps - 1 or (not make_graph and not alpha.requires_grad)
+        if cfg.fused_vocab and cfg.grad_wrt == "probs" and cut and not y.requires_grad:
+            # Fused step (pretrain/model/vocab.py): dE/dh of h = W_v2e p, then g = dE/dh @ W_v2e,
+            # y' and its CE in one chunked pass. p needs no gradient (y is a constant here).
+            with torch.no_grad():
+                p = vocab_ops.probs(y)
+            h = model.cand_embed(p)
+            energy = model.energy_from_embedding(step_context, h, k)
+            (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
+            # Without create_graph g is a constant on the plain path: W_v2e must not get its term.
+            w = model.cand_embed.weight if make_graph else model.cand_embed.weight.detach()
+            loss_k, y, finite = vocab_ops.update_cross_entropy(p, u, w, alpha, targets)
+            nonfinite = nonfinite | ~finite
+        else:
+            if not y.requires_grad:
+                y = y.requires_grad_(True)
+            energy, g, y = descend(vocab_ops, lambda p: model.energy_from_probs(step_context, p, k), y, alpha,
+                                   grad_wrt=cfg.grad_wrt, create_graph=make_graph)
+            if cut and not cfg.detach_between_steps and k < k_steps - 1:
+                y = y.detach()
+            nonfinite = nonfinite | ~torch.isfinite(g).all()
+            loss_k = vocab_ops.cross_entropy(y, targets)
         step_energies.append(energy.detach().mean())
-        loss_k = vocab_ops.cross_entropy(y, targets)
         step_losses.append(loss_k.detach())
         if weights[k] == 0.0:
             continue

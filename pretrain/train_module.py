@@ -125,7 +125,7 @@ class EBTTrainModule(TrainModule):
         super().__init__(pm, cfg, device)
         self.dtype = dtype
         th = cfg.thinking
-        self.replay = ReplayBuffer(th.replay_size) if th.replay_size > 0 else None
+        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype) if th.replay_size > 0 else None
         self._pending: Optional[tuple] = None
 
     # -- one optimizer step ---------------------------------------------------------------

@@ -136,16 +136,20 @@ class EnergyTransformer(nn.Module):
 
     def energy_from_probs(self, context: Context, probs: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Energies (B, S) of candidate distributions probs (B, S, V) given a prepared context."""
+        return self.energy_from_embedding(context, self.cand_embed(probs), step)
+
+    def energy_from_embedding(self, context: Context, h: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Energies (B, S) of embedded candidates h = W_v2e p (B, S, D): the fused thinking
+        step differentiates E with respect to h, and forms dE/dp = dE/dh @ W_v2e itself."""
         idx = self.step_index(step)
         if self.context_depends_on_step and context.step_index != idx:
             raise ValueError(
                 f"context prepared for step {context.step_index} used at step {idx}: with "
                 f"model.ebt_type={self.cfg.ebt_type!r} the context stream depends on the step"
             )
-        batch, num_pred, _ = probs.shape
+        batch, num_pred, _ = h.shape
         if num_pred + context.num_prefix != context.length:
             raise ValueError(f"candidate covers {num_pred} positions, context has {context.length - context.num_prefix}")
-        h = self.cand_embed(probs)
         first = 1 + context.num_prefix
         cos, sin = self.rope_cos[first : first + num_pred], self.rope_sin[first : first + num_pred]
         cond = self._cond(idx, batch)

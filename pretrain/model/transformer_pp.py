@@ -33,8 +33,8 @@ class TransformerPP(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B,S) -> next-token logits (B,S,V)."""
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B,S) -> final normed hidden states (B,S,D), the LM head's input."""
         s = input_ids.shape[1]
         if s > self.cfg.max_seq_len:
             raise ValueError(f"context length {s} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -42,4 +42,14 @@ class TransformerPP(nn.Module):
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         for layer in self.layers:
             h, _, _ = layer.forward_context(h, cos, sin, self.cfg.context_attention)
-        return self.lm_head(self.norm(h))
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B,S) -> next-token logits (B,S,V)."""
+        return self.lm_head(self.hidden(input_ids))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE without materialising the (B,S,V) logits (the fused, chunked LM
+        head of pretrain/model/vocab.py; vocab-parallel under tp). Equals
+        vocab_ops.cross_entropy(model(input_ids), targets)."""
+        return self.vocab_ops.linear_cross_entropy(self.hidden(input_ids), self.lm_head.weight, targets)

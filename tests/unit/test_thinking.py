@@ -27,7 +27,7 @@ RECIPES = {"s1": S1, "s2": S2}
 
 
 def _plain(cfg: ThinkingConfig) -> ThinkingConfig:
-    return dataclasses.replace(cfg, per_step_backward=False, reuse_context=False)
+    return dataclasses.replace(cfg, per_step_backward=False, reuse_context=False, fused_vocab=False)
 
 
 def _run(model, ids, cfg, seed, replay_rows=None):
@@ -188,7 +188,7 @@ def test_replay_buffer_rows_start_from_stored_logits_and_roundtrip():
     ids = torch.arange(4 * 5).view(4, 5)
     logits = torch.randn(4, 4, 7)
     buf.add(ids, logits)
-    assert len(buf) == 3 and torch.equal(buf.ids[0], ids[3])  # ring buffer overwrote the oldest
+    assert len(buf) == 3 and torch.equal(buf.state_dict()["ids"][0], ids[3])  # ring buffer overwrote the oldest
     again = ReplayBuffer(1)
     again.load_state_dict(buf.state_dict())
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
