@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from data_pipeline.build import build_shards
 from data_pipeline.config import DataConfig, default_cache_dir
-from data_pipeline.manifest import SPLITS, load_manifest
-from data_pipeline.shards import ShardError, read_shard
-from data_pipeline.sources import resolve_sources
-from data_pipeline.tokenizer import load_tokenizer
+
+# The commands import the pipeline (and torch) when they run, not when the parser is built.
 
 FLAGS = {"sources": "SRC", "tokenizer": "--tokenizer", "seq_len": "--seq-len", "val_fraction": "--val-fraction",
          "shard_size_mb": "--shard-size-mb", "cache_dir": "--cache-dir"}
@@ -34,6 +31,11 @@ def _cli_error(exc: Exception) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from data_pipeline.build import build_shards
+    from data_pipeline.manifest import SPLITS
+    from data_pipeline.sources import resolve_sources
+    from data_pipeline.tokenizer import load_tokenizer
+
     given = {key: getattr(args, key) for key in ("tokenizer", "seq_len", "val_fraction", "shard_size_mb")}
     try:
         cfg = DataConfig(sources=list(args.sources), cache_dir=args.cache_dir,
@@ -59,6 +61,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from data_pipeline.manifest import SPLITS, load_manifest
+    from data_pipeline.shards import ShardError, read_shard
+
     directory = Path(args.dir)
     try:
         manifest = load_manifest(directory)

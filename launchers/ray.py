@@ -63,7 +63,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     path = pid_file(Path(config["run_dir"]), rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{os.getpid()}\n")
-    from pretrain.cli import main
+    from ebt.cli import main
 
     code = main(list(config["args"]))
     if code != 0:

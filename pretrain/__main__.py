@@ -1,6 +1,6 @@
 """`python -m pretrain ...` is the `ebt` command line (so `torchrun -m pretrain pretrain ...` works)."""
 import sys
 
-from .cli import main
+from ebt.cli import main
 
 sys.exit(main())

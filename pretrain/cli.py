@@ -1,14 +1,11 @@
-"""The `ebt` command line (also `python -m pretrain`): `pretrain`, `plot`, and `data` (registered
-by data_pipeline). User errors are one line on stderr and exit code 2; set EBT_TRACEBACK=1 to
-see the full traceback."""
+"""The `ebt pretrain` and `ebt plot` commands, registered on the `ebt` parser (ebt.cli) by
+`add_pretrain_subcommands`."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
-from typing import List, Optional, Sequence
-
-EXIT_USAGE = 2
+from typing import Sequence
 
 
 def _split_items(items: Sequence[str]):
@@ -26,7 +23,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    summary = train(cfg)
+    summary = train(cfg, log=logging.getLogger("pretrain.trainer").info)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     ev = summary.get("eval") or {}
@@ -48,15 +45,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformer pretraining.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_pretrain_subcommands(sub: "argparse._SubParsersAction") -> None:
+    """Registers `pretrain` and `plot` on the `ebt` parser's subparsers (ebt.cli)."""
     p = sub.add_parser(
         "pretrain",
         help="train a model (EBT or Transformer++) from a config",
         description="Train from the default experiment, or from CONFIG (a YAML path or the name of a file in "
-        "configs/experiments/), with key=value overrides. A run_dir holding checkpoints is resumed.",
+        "configs/experiments/), with key=value overrides. Choose shipped configs by name: model=NAME "
+        "(configs/model/), recipe=NAME (configs/recipe/), experiment=NAME. A run_dir holding checkpoints is resumed.",
     )
     p.add_argument("items", nargs="*", metavar="CONFIG | key=value", help="config files/names, then overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -68,46 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
 
-    from data_pipeline.cli import add_data_subcommand
-
-    add_data_subcommand(sub)
-    from .inference_cli import add_inference_subcommands
-
-    add_inference_subcommands(sub)
-    from launchers.cli import add_launch_subcommand
-
-    add_launch_subcommand(sub)
-    return parser
 
 
-def _user_errors() -> tuple:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .export import ExportError
-    from .trainer import NonFiniteError
-    from data_pipeline import ShardError
+def main(argv=None) -> int:
+    """`ebt` scripts installed before the entry point moved to ebt.cli:main still call this."""
+    from ebt.cli import main as ebt_main
 
-    return (ConfigError, CheckpointError, ExportError, NonFiniteError, ShardError, ValueError, OSError)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from launchers.preemption import EXIT_PREEMPTED, Preempted, install_from_env
-
-    install_from_env()  # before torch is imported: a requeued job can be signalled at once
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("ebt: interrupted", file=sys.stderr)
-        return 130
-    except Preempted as err:
-        print(f"ebt {args.command}: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except _user_errors() as err:
-        if os.environ.get("EBT_TRACEBACK"):
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"ebt {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-
+    return ebt_main(argv)

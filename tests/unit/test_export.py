@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.checkpoint import latest_checkpoint
-from pretrain.cli import main as ebt_main
+from ebt.cli import main as ebt_main
 from pretrain.config import load_config
 from pretrain.export import ExportError, export_checkpoint, load_export
 from pretrain.generate import EBTInference

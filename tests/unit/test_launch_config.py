@@ -8,7 +8,7 @@ import pytest
 
 from launchers import slurm as slurm_mod
 from launchers.config import LaunchError, load_launch_config, plan_launch
-from pretrain.cli import main
+from ebt.cli import main
 from pretrain.config import ConfigError, load_config
 
 
