@@ -41,6 +41,7 @@ GROUPS: Dict[str, str] = {"experiment": "experiments", "model": "model", "recipe
 DEFAULT_EXPERIMENT = "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("off", "offline", "online")  # train.wandb (pretrain.sinks)
 ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
 
 
@@ -122,6 +123,11 @@ class TrainConfig:
     """`cpu`, `cuda` or `auto` (cuda when available)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; `None` estimates it from the device (see pretrain.flops)."""
+    wandb: str = "off"
+    """Also log to Weights & Biases: `off`, `offline` (no network; files under run_dir/wandb/) or
+    `online` (pretrain.sinks). TensorBoard and the JSONL files are written either way."""
+    wandb_project: str = "ebt-pretrain"
+    """The W&B project of `train.wandb` runs (the run is named after run_dir)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "grad_accum", "keep_last_k", "eval_batches", "log_every"):
@@ -140,6 +146,10 @@ class TrainConfig:
             raise _bad("train", "device", f"{self.device!r} is not one of {DEVICES}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise _bad("train", "peak_flops", f"must be > 0, got {self.peak_flops}")
+        if self.wandb not in WANDB_MODES:
+            raise _bad("train", "wandb", f"{self.wandb!r} is not one of {WANDB_MODES}")
+        if not self.wandb_project.strip():
+            raise _bad("train", "wandb_project", "is empty")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from . import probe as probe_mod
 from .checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from .config import ConfigError, RunConfig, to_container, to_yaml
 from .model import build_model
+from .sinks import flatten, open_sink
 from .thinking import ReplayBuffer, cross_entropy, think, unroll
 
 EVAL_SEED_OFFSET = 7919
@@ -485,6 +486,7 @@ class Trainer:
             else _NullWriter()
         metrics = open(self.run_dir / "metrics.jsonl" if main else os.devnull, "a")
         evals = open(self.run_dir / "eval.jsonl" if main else os.devnull, "a")
+        sink = open_sink(cfg, main)  # W&B when train.wandb is set (pretrain.sinks)
         tokens_per_step = tc.global_batch_size * cfg.data.seq_len
         started = time.time()
         window_start, window_steps, window_flops, train_seconds = time.time(), 0, 0.0, 0.0
@@ -553,6 +555,7 @@ class Trainer:
                     for key, value in record.items():
                         if isinstance(value, (int, float)) and key != "step" and value is not None:
                             tb.add_scalar(f"train/{key}", value, self.step)
+                    sink.log_metrics(self.step, flatten("train", record))
                     window_start, window_steps, window_flops = time.time(), 0, 0.0
 
                 at_end = self.step == tc.max_steps
@@ -562,6 +565,7 @@ class Trainer:
                     evals.write(json.dumps(self.last_eval) + "\n")
                     evals.flush()
                     self._log_eval(self.last_eval, tb)
+                    sink.log_metrics(self.step, flatten("eval", self.last_eval))
                     window_start += time.time() - pause
                 if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or at_end:
                     pause = time.time()
@@ -576,6 +580,7 @@ class Trainer:
             metrics.close()
             evals.close()
             tb.close()
+            sink.close()
         summary = {
             "run_dir": str(self.run_dir),
             "step": self.step,
