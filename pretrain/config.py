@@ -41,7 +41,7 @@ GROUPS: Dict[str, str] = {"experiment": "experiments", "model": "model", "recipe
 DEFAULT_EXPERIMENT = "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-WANDB_MODES = ("off", "offline", "online")  # train.wandb (pretrain.sinks)
+WANDB_MODES = ("disabled", "offline", "online")  # train.wandb (pretrain.sinks)
 ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
 
 
@@ -123,9 +123,9 @@ class TrainConfig:
     """`cpu`, `cuda` or `auto` (cuda when available)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; `None` estimates it from the device (see pretrain.flops)."""
-    wandb: str = "off"
-    """Also log to Weights & Biases: `off`, `offline` (no network; files under run_dir/wandb/) or
-    `online` (pretrain.sinks). TensorBoard and the JSONL files are written either way."""
+    wandb: str = "disabled"
+    """Also log to Weights & Biases (W&B's mode names): `disabled`, `offline` (no network; files
+    under run_dir/wandb/) or `online` (pretrain.sinks). TensorBoard and the JSONL files are written either way."""
     wandb_project: str = "ebt-pretrain"
     """The W&B project of `train.wandb` runs (the run is named after run_dir)."""
 

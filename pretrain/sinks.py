@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Protocol
 
@@ -48,7 +49,7 @@ class WandbSink:
         folder = Path(cfg.run_dir) / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / "run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self._run = wandb.init(
             project=cfg.train.wandb_project, name=Path(cfg.run_dir).name, id=run_id, resume="allow",
@@ -68,7 +69,7 @@ class WandbSink:
 
 def open_sink(cfg: RunConfig, main: bool) -> MetricSink:
     """The configured extra sink on rank 0 (W&B), else a NullSink."""
-    if not main or cfg.train.wandb == "off":
+    if not main or cfg.train.wandb == "disabled":
         return NullSink()
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbSink(cfg)
