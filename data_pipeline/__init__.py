@@ -11,16 +11,24 @@ The trainer's contract:
     checkpoint["data"] = loader.state_dict()     # {"consumed": int, "fingerprint": str, ...}
 See docs/data.md.
 """
-from data_pipeline.build import build_shards
-from data_pipeline.config import DataConfig
-from data_pipeline.loader import ShardLoader, make_loader
-from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.prepare import PreparedData, open_dataset, prepare_dataset
-from data_pipeline.shards import ShardError
-from data_pipeline.storage import RemoteReadError
-from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "DataConfig", "Manifest", "PreparedData", "RemoteReadError", "ShardError", "ShardLoader", "TextTokenizer", "build_shards",
-    "load_manifest", "load_tokenizer", "make_loader", "open_dataset", "prepare_dataset",
-]
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562) so that `import data_pipeline.cli` (the `ebt` parser) does
+# not import torch: `ebt --help` stays fast.
+_EXPORTS = {
+    "build_shards": "build", "DataConfig": "config", "ShardLoader": "loader", "make_loader": "loader",
+    "Manifest": "manifest", "load_manifest": "manifest", "PreparedData": "prepare", "open_dataset": "prepare",
+    "prepare_dataset": "prepare", "ShardError": "shards", "RemoteReadError": "storage", "TextTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"data_pipeline.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

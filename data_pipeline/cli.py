@@ -13,13 +13,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from data_pipeline.build import build_shards
 from data_pipeline.config import DataConfig, default_cache_dir
-from data_pipeline.manifest import MANIFEST_FILE, SPLITS, parse_manifest
-from data_pipeline.prepare import storage_for
-from data_pipeline.shards import ShardError, check_size, verify_shard_bytes
-from data_pipeline.sources import resolve_sources
-from data_pipeline.tokenizer import load_tokenizer
+
+# The commands import the pipeline (and torch) when they run, not when the parser is built.
 
 FLAGS = {"sources": "SRC", "tokenizer": "--tokenizer", "seq_len": "--seq-len", "val_fraction": "--val-fraction",
          "shard_size_mb": "--shard-size-mb", "cache_dir": "--cache-dir", "text_field": "--text-field",
@@ -36,6 +32,11 @@ def _cli_error(exc: Exception) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from data_pipeline.build import build_shards
+    from data_pipeline.manifest import SPLITS
+    from data_pipeline.sources import resolve_sources
+    from data_pipeline.tokenizer import load_tokenizer
+
     given = {key: getattr(args, key)
              for key in ("tokenizer", "seq_len", "val_fraction", "shard_size_mb", "text_field", "on_bad_record")}
     try:
@@ -67,6 +68,10 @@ def _build(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """The scrub: every shard read whole, every member checked, and its sha256 against the manifest."""
+    from data_pipeline.manifest import MANIFEST_FILE, SPLITS, parse_manifest
+    from data_pipeline.prepare import storage_for
+    from data_pipeline.shards import ShardError, check_size, verify_shard_bytes
+
     try:
         prepared_cfg = DataConfig(remote_retries=args.retries)
         storage = storage_for(args.dir, prepared_cfg)

@@ -1,6 +1,6 @@
 """`python -m ebt ...` is the `ebt` command line."""
 import sys
 
-from ebt.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -1,9 +1,12 @@
-"""`ebt COMMAND ...`: pretrain, plot, data, export, generate, serve, launch.
+"""`ebt COMMAND ...`: pretrain, plot, data, export, generate, serve, launch (also `python -m ebt`
+and `python -m pretrain`).
 
 Each package registers its own subcommands (`add_*_subcommand(s)`); this module builds the
-parser, injects what only the top layer may know (the launchers' preemption handling into
-the trainer), and turns user errors into one line on stderr with exit code 2 (set
-EBT_TRACEBACK=1 for the full traceback). A preempted run exits with EXIT_PREEMPTED (75).
+parser, gives every command the same logging (ebt.log), injects what only the top layer may
+know (the launchers' preemption handling into the trainer), and turns user errors into one
+line on stderr with exit code 2 (set EBT_TRACEBACK=1 for the full traceback). A preempted run
+exits with EXIT_PREEMPTED (75). Building the parser imports no torch, so `ebt --help` is
+fast: each command imports what it needs when it runs.
 """
 from __future__ import annotations
 
@@ -51,10 +54,13 @@ def _user_errors() -> tuple:
 def main(argv: Optional[List[str]] = None) -> int:
     from launchers.preemption import EXIT_PREEMPTED, Preempted, install_from_env
 
+    from .log import setup_logging
+
     install_from_env()  # before torch is imported: a requeued job can be signalled at once
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        setup_logging()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("ebt: interrupted", file=sys.stderr)

@@ -12,3 +12,6 @@ Every launcher ends in the same entry point on every rank, `python -m pretrain p
 with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; the training code knows
 nothing of Slurm or Ray.
 """
+
+BACKENDS = ("local", "slurm", "ray")
+"""The launchers `ebt launch BACKEND` knows."""

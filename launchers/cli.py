@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from .config import BACKENDS, LaunchError, plan_launch
+from . import BACKENDS
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from .config import LaunchError, plan_launch  # imports torch: only when a launch runs
+
     configs = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     if len(configs) > 1:

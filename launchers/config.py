@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config import ConfigError, RunConfig, load_config, resolve_config_path, resolve_named_yaml
+from launchers import BACKENDS
+from pretrain.config import GROUPS, ConfigError, RunConfig, load_config, resolve_config_path, resolve_named_yaml
 
-BACKENDS = ("local", "slurm", "ray")
 SLURM_MODES = ("torchrun", "srun")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _TIME_LIMIT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
@@ -186,6 +186,7 @@ class LaunchConfig:
 # -- loading -------------------------------------------------------------------------------
 LAUNCH_KEYS = tuple(f.name for f in fields(LaunchConfig))
 RUN_KEYS = tuple(f.name for f in fields(RunConfig) if f.name not in LAUNCH_KEYS)
+RUN_KEYS += tuple(g for g in GROUPS if g not in LAUNCH_KEYS and g not in RUN_KEYS)  # recipe=s2
 
 
 def resolve_launch_path(name: str) -> Path:

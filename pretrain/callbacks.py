@@ -254,6 +254,29 @@ class TensorBoardSink(Callback):
             self.writer = None
 
 
+class WandbSinkCallback(Callback):
+    """Weights & Biases (`train.wandb`: disabled | offline | online; pretrain/sinks.py), rank 0."""
+
+    def __init__(self) -> None:
+        self.sink = None
+
+    def on_start(self, trainer) -> None:
+        from .sinks import open_sink
+
+        self.sink = open_sink(trainer.cfg, trainer.rank == 0)
+
+    def write(self, prefix: str, record: Dict[str, Any]) -> None:
+        from .sinks import flatten
+
+        if self.sink is not None:
+            self.sink.log_metrics(record["step"], flatten(prefix, record))
+
+    def on_close(self, trainer) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+
 # -- evaluation and checkpoints -------------------------------------------------------------------
 class Evaluation(Callback):
     """Every `train.eval_every` steps and at the end: the train module's evaluation on the
@@ -339,7 +362,8 @@ class EnvJson(Callback):
 def default_callbacks() -> List[Callback]:
     """The callbacks every run has, in call order (the guard last: when it stops the run, the
     skipped step is already recorded)."""
-    return [Progress(), JsonlSink(), TensorBoardSink(), EnvJson(), Evaluation(), Checkpointing(), NonFiniteGuard()]
+    return [Progress(), JsonlSink(), TensorBoardSink(), WandbSinkCallback(), EnvJson(), Evaluation(), Checkpointing(),
+            NonFiniteGuard()]
 
 
 def finite(value: float) -> bool:

@@ -3,6 +3,7 @@ parser imports nothing heavy; each command imports what it runs."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Callable, List, Sequence
 
@@ -22,7 +23,7 @@ def cmd_pretrain(args: argparse.Namespace, callbacks: Callable[[], List] = list)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    summary = train(cfg, callbacks=callbacks())
+    summary = train(cfg, log=logging.getLogger("pretrain.trainer").info, callbacks=callbacks())
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     ev = summary.get("eval") or {}
@@ -51,7 +52,8 @@ def add_pretrain_subcommands(sub: "argparse._SubParsersAction", callbacks: Calla
         "pretrain",
         help="train a model (EBT or Transformer++) from a config",
         description="Train from the default experiment, or from CONFIG (a YAML path or the name of a file in "
-        "configs/experiments/), with key=value overrides. A run_dir holding checkpoints is resumed.",
+        "configs/experiments/), with key=value overrides. Choose shipped configs by name: model=NAME "
+        "(configs/model/), recipe=NAME (configs/recipe/), experiment=NAME. A run_dir holding checkpoints is resumed.",
     )
     p.add_argument("items", nargs="*", metavar="CONFIG | key=value", help="config files/names, then overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

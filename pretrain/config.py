@@ -8,14 +8,21 @@ is one line naming the key (and, for unknown keys, the closest valid one).
 
 YAML files are partial root configs. A file may start with `defaults: [a.yaml, b.yaml]`
 (paths relative to that file); those are merged first, in order, then the file's own keys.
+
+Config groups are chosen by name on the command line, as with Hydra: `model=small` merges
+configs/model/small.yaml, `recipe=s2` configs/recipe/s2.yaml, `experiment=s1` is the same as
+naming the experiment. Order: experiment(s) < group choices (in command-line order) <
+`key=value` overrides. The configs ship inside the package `configs` (importlib.resources),
+so an installed wheel finds them wherever it runs.
 """
 from __future__ import annotations
 
 import difflib
 import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -25,11 +32,16 @@ from data_pipeline.config import DataConfig
 from .model.config import ModelConfig
 from .thinking import ThinkingConfig
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-"""The repository's configs/ folder (experiments are looked up here by name)."""
+CONFIG_ROOT = Path(str(files("configs")))
+"""The shipped configs (the package `configs`, the repository's top-level configs/ folder):
+experiments, model sizes, recipes and launch configs are looked up here by name. pip installs
+packages unzipped, so this is a real folder and `defaults:` paths resolve inside it."""
+GROUPS: Dict[str, str] = {"experiment": "experiments", "model": "model", "recipe": "recipe"}
+"""Command-line group choices (`model=small`): the key names a folder of CONFIG_ROOT."""
 DEFAULT_EXPERIMENT = "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("disabled", "offline", "online")  # train.wandb (pretrain.sinks)
 ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
 
 
@@ -111,6 +123,11 @@ class TrainConfig:
     """`cpu`, `cuda` or `auto` (cuda when available)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; `None` estimates it from the device (see pretrain.flops)."""
+    wandb: str = "disabled"
+    """Also log to Weights & Biases (W&B's mode names): `disabled`, `offline` (no network; files
+    under run_dir/wandb/) or `online` (pretrain.sinks). TensorBoard and the JSONL files are written either way."""
+    wandb_project: str = "ebt-pretrain"
+    """The W&B project of `train.wandb` runs (the run is named after run_dir)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "grad_accum", "keep_last_k", "eval_batches", "log_every"):
@@ -129,6 +146,10 @@ class TrainConfig:
             raise _bad("train", "device", f"{self.device!r} is not one of {DEVICES}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise _bad("train", "peak_flops", f"must be > 0, got {self.peak_flops}")
+        if self.wandb not in WANDB_MODES:
+            raise _bad("train", "wandb", f"{self.wandb!r} is not one of {WANDB_MODES}")
+        if not self.wandb_project.strip():
+            raise _bad("train", "wandb_project", "is empty")
 
 
 @dataclass
@@ -280,10 +301,31 @@ def resolve_named_yaml(name: str, folder: str, what: str, error: type = ConfigEr
     candidate = CONFIG_ROOT / folder / f"{name}.yaml"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem for p in (CONFIG_ROOT / folder).glob("*.yaml"))
+    known = available(folder)
     hint = difflib.get_close_matches(name, known, n=1)
-    extra = f" (did you mean {hint[0]!r}?)" if hint else f" ({folder}: {', '.join(known)})"
-    raise error(f"{what} {name!r} is neither a YAML file nor a name in configs/{folder}{extra}")
+    extra = f"did you mean {hint[0]!r}? " if hint else ""
+    raise error(f"{what} {name!r} is neither a YAML file nor a name in configs/{folder} "
+                f"({extra}available: {', '.join(known) or 'none'})")
+
+
+def available(folder: str) -> List[str]:
+    """The names of the shipped configs in configs/<folder>/."""
+    return sorted(p.stem for p in (CONFIG_ROOT / folder).glob("*.yaml"))
+
+
+def split_group_choices(overrides: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """([(group, name), ...], the other overrides): `model=small` is a choice, `model.dim=8` not."""
+    choices, rest = [], []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in GROUPS:
+            if not value.strip():
+                raise ConfigError(f"{item!r}: name a config in configs/{GROUPS[key.strip()]} "
+                                  f"(available: {', '.join(available(GROUPS[key.strip()]))})")
+            choices.append((key.strip(), value.strip()))
+        else:
+            rest.append(item)
+    return choices, rest
 
 
 def resolve_config_path(name: str) -> Path:
@@ -321,9 +363,15 @@ def load_config(configs: Sequence[str] = (), overrides: Sequence[str] = ()) -> R
     """defaults < each YAML (with its `defaults:`) < `key=value` overrides; validated.
 
     With no YAML the embedded default experiment (configs/experiments/default.yaml) is used.
+    Group choices among the overrides (`model=small`, `recipe=s2`, `experiment=s1`; see the
+    module docstring) merge after the experiments and before the `key=value` overrides.
     """
     schema = OmegaConf.structured(RunConfig)
-    paths = [resolve_config_path(c) for c in configs] or [resolve_config_path(DEFAULT_EXPERIMENT)]
+    choices, overrides = split_group_choices(overrides)
+    experiments = [*configs, *(name for group, name in choices if group == "experiment")]
+    paths = [resolve_config_path(c) for c in experiments] or [resolve_config_path(DEFAULT_EXPERIMENT)]
+    paths += [resolve_named_yaml(name, GROUPS[group], group) for group, name in choices
+              if group != "experiment"]
     merged = schema
     for path in paths:
         for origin, layer in _load_yaml(path):
@@ -337,6 +385,10 @@ def load_config(configs: Sequence[str] = (), overrides: Sequence[str] = ()) -> R
         key = item.split("=", 1)[0].strip()
         if not key or key != key.strip(". "):
             raise ConfigError(f"override {item!r}: expected key=value with a dotted key such as train.max_steps=100")
+        if isinstance(_node_at(schema, key), DictConfig):
+            groups = ", ".join(f"{g}=NAME" for g in GROUPS)
+            raise ConfigError(f"override {item!r}: {key} is a config section: set its keys ({key}.KEY=VALUE); "
+                              f"configs chosen by name: {groups}")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:

@@ -4,6 +4,8 @@
     config.json         the architecture (the model section of the run config, resolved)
     thinking.json       inference defaults: steps, step size, noise, samples, conditioning variant
     tokenizer.json      the run's tokenizer (one file, `tokenizers` format)
+    + the Hugging Face files of pretrain.hf_export (config.json is then also a transformers
+      config; `AutoModel.from_pretrained(dir, trust_remote_code=True)` loads the folder)
     export.json         written last: source checkpoint, sha256 of every file above, and the
                         probe batch with the values the checkpoint recorded
 
@@ -26,11 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint, read_full_model_state, read_metadata
 from .generate import ThinkingDefaults
+from .hf_export import hf_config, model_config_from_json, write_hf_files
 from .model import ModelConfig, build_model
 from .probe import probe_values
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
+"""2: config.json is a transformers config (pretrain.hf_export); 1 (still loaded): a plain model section."""
 FILES = ("model.safetensors", "config.json", "thinking.json", "tokenizer.json")
+"""Every export has these; export.json lists them and the Hugging Face files with their sha256."""
 MANIFEST = "export.json"
 PROBE_TOLERANCE = 1e-4
 
@@ -92,6 +97,14 @@ def _tokenizer_json(meta: Dict[str, Any], checkpoint: Path) -> str:
     return prepare_dataset(data).tokenizer.to_json()
 
 
+def _eos(tokenizer_json: str):
+    """(token, id) of the tokenizer's end-of-text token, or None."""
+    from data_pipeline.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_json(tokenizer_json, origin="export")
+    return (tok.tok.id_to_token(tok.eos_id), tok.eos_id) if tok.eos_id is not None else None
+
+
 def export_checkpoint(source: str | Path, out: str | Path, *, log=print) -> Path:
     """Consolidates a checkpoint into a serving export at `out` and proves it (see module doc)."""
     checkpoint = resolve_checkpoint(source)
@@ -106,15 +119,18 @@ def export_checkpoint(source: str | Path, out: str | Path, *, log=print) -> Path
     tmp.mkdir(parents=True)
     try:
         log(f"export: {checkpoint} -> {out}")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "ebt-export"})
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
-        (tmp / "thinking.json").write_text(json.dumps(_thinking_defaults(meta, state), indent=1))
-        (tmp / "tokenizer.json").write_text(_tokenizer_json(meta, checkpoint))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # what transformers expects
+        thinking = _thinking_defaults(meta, state)
+        (tmp / "config.json").write_text(json.dumps(hf_config(model_cfg, thinking), indent=1))
+        (tmp / "thinking.json").write_text(json.dumps(thinking, indent=1))
+        tokenizer_json = _tokenizer_json(meta, checkpoint)
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        hf_files = write_hf_files(tmp, model_cfg, thinking, _eos(tokenizer_json))
         probe = meta.get("probe")
         manifest = {
             "format": EXPORT_FORMAT,
             "source": {"checkpoint": str(checkpoint), "step": meta["step"]},
-            "files": {name: _sha256(tmp / name) for name in FILES},
+            "files": {name: _sha256(tmp / name) for name in (*FILES, *hf_files)},
             "probe": probe,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -125,7 +141,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, log=print) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"export: verified probe energies and checksums; wrote {', '.join(FILES + (MANIFEST,))}")
+    log(f"export: verified probe energies and checksums; wrote {', '.join(sorted(manifest['files']) + [MANIFEST])}")
     return out
 
 
@@ -154,16 +170,20 @@ def load_export(path: str | Path, *, device: str | torch.device = "cpu", verify_
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ExportError(f"{manifest_path}: corrupt ({type(err).__name__}: {err})") from None
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{manifest_path}: format {manifest.get('format')} is not {EXPORT_FORMAT}")
-    for name in FILES:
+    if manifest.get("format") not in (1, EXPORT_FORMAT):
+        raise ExportError(f"{manifest_path}: format {manifest.get('format')} is not 1 or {EXPORT_FORMAT}")
+    if not isinstance(files, dict) or not set(FILES) <= set(files):
+        raise ExportError(f"{manifest_path}: corrupt (files must list {', '.join(FILES)})")
+    for name in files:
+        if Path(name).name != name:
+            raise ExportError(f"{manifest_path}: corrupt (file name {name!r} is not a plain name)")
         file = path / name
         if not file.is_file():
             raise ExportError(f"{file}: missing from the export")
         if _sha256(file) != files.get(name):
             raise ExportError(f"{file}: sha256 does not match export.json: the export was modified or damaged")
     try:
-        config = ModelConfig(**json.loads((path / "config.json").read_text()))
+        config = model_config_from_json(json.loads((path / "config.json").read_text()))
         thinking_raw = json.loads((path / "thinking.json").read_text())
     except (TypeError, ValueError) as err:
         raise ExportError(f"{path / 'config.json'}: invalid ({err})") from None

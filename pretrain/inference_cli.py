@@ -56,8 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_inference_subcommands(sub) -> None:
     p = sub.add_parser("export", help="consolidate a checkpoint into a verified serving export",
-                       description="Writes model.safetensors, config.json, thinking.json, tokenizer.json and "
-                       "export.json to --out, then reloads them and checks the probe energies.")
+                       description="Writes model.safetensors, config.json, thinking.json, tokenizer.json, the Hugging Face "
+                       "files (remote code, tokenizer_config.json, generation_config.json) and export.json to --out, "
+                       "then reloads them and checks the checksums and probe energies.")
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--out", required=True, help="new folder for the export")
     p.set_defaults(func=cmd_export)

@@ -46,7 +46,16 @@ from data_pipeline.order import rank_slice
 from . import distributed
 from . import flops as flops_mod
 from . import probe as probe_mod
-from .callbacks import Callback, JsonlSink, NonFiniteError, Progress, StepEvent, TensorBoardSink, default_callbacks
+from .callbacks import (
+    Callback,
+    JsonlSink,
+    NonFiniteError,
+    Progress,
+    StepEvent,
+    TensorBoardSink,
+    WandbSinkCallback,
+    default_callbacks,
+)
 from .checkpoint import (
     CheckpointError,
     check_model_state,
@@ -220,18 +229,23 @@ class Trainer:
 
     # -- outputs (the sinks are callbacks; these route records to them) -----------------------
     def emit_metrics(self, record: Dict[str, Any]) -> None:
-        jsonl, tb = self._callback(JsonlSink), self._callback(TensorBoardSink)
+        jsonl, tb, wandb = self._callback(JsonlSink), self._callback(TensorBoardSink), self._callback(WandbSinkCallback)
         if jsonl is not None:
             jsonl.write("metrics", record)
-        if tb is not None and record.get("loss") is not None:
-            tb.scalars("train", record, record["step"])
+        if record.get("loss") is not None:
+            if tb is not None:
+                tb.scalars("train", record, record["step"])
+            if wandb is not None:
+                wandb.write("train", record)
 
     def emit_eval(self, record: Dict[str, Any]) -> None:
-        jsonl, tb = self._callback(JsonlSink), self._callback(TensorBoardSink)
+        jsonl, tb, wandb = self._callback(JsonlSink), self._callback(TensorBoardSink), self._callback(WandbSinkCallback)
         if jsonl is not None:
             jsonl.write("eval", record)
         if tb is not None:
             tb.scalars("eval", record, record["step"])
+        if wandb is not None:
+            wandb.write("eval", record)
         if "val_ce_per_step" in record:
             ces = " ".join(f"{c:.3f}" for c in record["val_ce_per_step"][1:])
             energies = " ".join(f"{e:.3f}" for e in record["val_energy_per_step"][1:])

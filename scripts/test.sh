@@ -2,7 +2,7 @@
 # The README's test command: installs everything the suite needs and runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh dev cluster distributed
+bash scripts/setup_env.sh dev cluster distributed wandb hf
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

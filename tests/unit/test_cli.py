@@ -143,3 +143,21 @@ def test_print_config_and_subcommands():
     assert exe.is_file(), "the `ebt` entry point is installed next to the interpreter"
     proc = subprocess.run([str(exe), "pretrain", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "key=value" in proc.stdout
+
+
+def test_the_parser_imports_no_torch():
+    """`ebt --help` stays fast: building the whole parser (every subcommand) imports no torch."""
+    code = ("import sys, ebt.cli; ebt.cli.build_parser(); "
+            "heavy = sorted(m for m in ('torch', 'numpy', 'omegaconf', 'safetensors') if m in sys.modules); "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    proc = ebt("--help")
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("pretrain", "data", "export", "serve", "launch"))
+
+
+def test_group_choice_on_the_command_line():
+    proc = ebt("pretrain", "--print-config", "model=3xs", "recipe=s1")
+    assert proc.returncode == 0, proc.stderr
+    assert "num_layers: 4" in proc.stdout and "loss_on: mean" in proc.stdout
+    assert_one_line_error(ebt("pretrain", "--print-config", "model=huge"), "model 'huge'", "available: 3xs, 4xs")

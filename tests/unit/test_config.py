@@ -144,3 +144,41 @@ def test_defaults_cycle_and_bad_yaml(tmp_path: Path):
     b.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config([str(b)])
+
+
+def test_groups_are_chosen_by_name_like_hydra():
+    cfg = load_config([], ["model=small", "recipe=s1"])
+    assert (cfg.model.num_layers, cfg.model.num_heads, cfg.model.dim) == (12, 12, 768)
+    assert cfg.thinking.loss_on == "mean" and cfg.model.step_size == 500.0  # recipe s1 over the default's s2
+    assert cfg.model.max_seq_len == 64  # the experiment's own keys under the chosen size stay
+    # The same as naming the files; `key=value` overrides still win over a group choice.
+    by_path = load_config(["default", str(CONFIG_ROOT / "model" / "small.yaml"), str(CONFIG_ROOT / "recipe" / "s1.yaml")])
+    assert to_container(cfg) == to_container(by_path)
+    assert load_config([], ["model=small", "model.dim=384"]).model.dim == 384
+    assert to_container(load_config([], ["experiment=s1"])) == to_container(load_config(["s1"]))
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [("model=smal", "did you mean 'small'? available: 3xs, 4xs, large, medium, small, xl, xs, xxs"),
+     ("recipe=s3", "available: s1, s2"),
+     ("experiment=nope", "available: default, s1, s2, test_tiny, transformerpp"),
+     ("model=", "available: 3xs, 4xs")],
+)
+def test_unknown_group_name_lists_the_available_ones_in_one_line(override: str, names: str):
+    with pytest.raises(ConfigError) as err:
+        load_config([], [override])
+    assert names in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_section_set_to_a_scalar_says_how_to_set_it():
+    with pytest.raises(ConfigError, match=r"'data=foo': data is a config section: set its keys \(data.KEY=VALUE\)"):
+        load_config([], ["data=foo"])
+
+
+def test_configs_come_from_the_package_not_the_working_directory(tmp_path: Path, monkeypatch):
+    import configs
+
+    monkeypatch.chdir(tmp_path)
+    assert CONFIG_ROOT == Path(configs.__file__).parent
+    assert load_config(["test_tiny"], ["model=4xs"]).model.num_layers == 2

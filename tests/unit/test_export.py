@@ -37,7 +37,9 @@ def export_dir(run_dir, tmp_path_factory) -> Path:
 
 def test_export_holds_the_checkpoint_weights_and_reloads_verified(run_dir, export_dir):
     assert sorted(p.name for p in export_dir.iterdir()) == [
-        "config.json", "export.json", "model.safetensors", "thinking.json", "tokenizer.json"]
+        "attention.py", "config.json", "config.py", "configuration_ebt.py", "ebt.py", "export.json",
+        "generation_config.json", "layers.py", "model.safetensors", "modeling_ebt.py", "thinking.json",
+        "tokenizer.json", "tokenizer_config.json", "vocab.py"]
     ckpt = load_file(str(latest_checkpoint(run_dir) / "model" / "model-tp0-of-1.safetensors"))
     exported = load_file(str(export_dir / "model.safetensors"))
     assert ckpt.keys() == exported.keys()
@@ -51,7 +53,8 @@ def test_export_holds_the_checkpoint_weights_and_reloads_verified(run_dir, expor
     assert len(text) == 5
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "config.json", "thinking.json", "tokenizer.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "config.json", "thinking.json", "tokenizer.json",
+                                    "modeling_ebt.py", "generation_config.json"])
 def test_a_tampered_export_is_refused(export_dir, tmp_path, victim):
     copy = tmp_path / "copy"
     shutil.copytree(export_dir, copy)
