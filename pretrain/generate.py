@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .model.ebt import EnergyTransformer
-from .thinking import draw_randn
+from .thinking import add_langevin_noise, draw_randn
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
 MODES = ("kv", "recompute", "reference")
@@ -198,16 +198,15 @@ class EBTInference:
         energies: List[torch.Tensor] = []
         prev = None
         for k in range(steps):
+            # As in training: noise moves the candidate first, then the step descends from there.
+            start = add_langevin_noise(y, noise_std, model.vocab_size, vocab_ops, generator)
             with torch.enable_grad():
-                leaf = y.detach().requires_grad_(True)
+                leaf = start.detach().requires_grad_(True)
                 p = vocab_ops.probs(leaf)
                 energy = self._energy(cache, p, k, mode)
                 (g,) = torch.autograd.grad(energy.sum(), p)
             energy = energy.detach()
             base = p.detach()
-            if noise_std > 0:
-                noise = draw_randn((rows, 1, model.vocab_size), generator, device, dtype)
-                base = base + vocab_ops.shard(noise) * noise_std
             if early_stop_tol is None:
                 y = base - alpha * g
             else:

@@ -174,6 +174,16 @@ def draw_rand(shape, generator, device, dtype) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=_generator_device(generator), dtype=dtype).to(device)
 
 
+def add_langevin_noise(y: torch.Tensor, std: float, vocab: int, vocab_ops, generator) -> torch.Tensor:
+    """y + std * N(0, 1): the noise each thinking step adds to its candidate BEFORE the energy
+    evaluation (training, `think()` and generation alike; EBT_SPEC section 2). Drawn over the
+    full vocabulary, then sharded, so every layout sees the same candidate. std = 0 draws nothing."""
+    if std <= 0:
+        return y
+    noise = draw_randn((*y.shape[:-1], vocab), generator, y.device, y.dtype)
+    return y + vocab_ops.shard(noise) * std
+
+
 def initial_candidates(batch: int, seq: int, vocab: int, cfg: ThinkingConfig, generator, device, dtype):
     if cfg.init == "zeros":
         return torch.zeros(batch, seq, vocab, device=device, dtype=dtype)
@@ -259,9 +269,7 @@ def unroll(
 
     last_backward = k_steps - 1 if context_graph is None else k_steps
     for k in range(k_steps):
-        if cfg.langevin_std > 0:
-            noise = draw_randn((*y.shape[:-1], vocab), generator, device, dtype)
-            y = y + vocab_ops.shard(noise) * cfg.langevin_std
+        y = add_langevin_noise(y, cfg.langevin_std, vocab, vocab_ops, generator)
         if cfg.detach_between_steps:
             y = y.detach()
         if not y.requires_grad:
@@ -345,7 +353,8 @@ def think(
     targets: Optional[torch.Tensor] = None,
 ) -> ThinkResult:
     """Inference-time thinking: `steps` updates (any number; extra steps reuse the last step
-    embedding), optional alpha/noise overrides, best-of-`num_samples` by final energy per
+    embedding), optional alpha/noise overrides (the noise moves the candidate before each
+    step's energy evaluation, as in training), best-of-`num_samples` by final energy per
     position, and per-position early stop once the energy falls by less than `early_stop_tol`.
     No parameter gradients are computed."""
     if steps < 0 or num_samples < 1:
@@ -389,15 +398,14 @@ def think(
     record_ce(y)
     prev_energy = None
     for k in range(steps):
-        energy, g, base = evaluate(y, k, need_grad=True)
+        # As in training: noise moves the candidate first, then the step descends from there.
+        y_start = add_langevin_noise(y, noise_std, model.vocab_size, vocab_ops, generator)
+        energy, g, base = evaluate(y_start, k, need_grad=True)
         if prev_energy is not None and early_stop_tol is not None:
             stalled = (prev_energy - energy) < early_stop_tol
             active = active & ~stalled
         energies.append(energy)
         prev_energy = energy
-        if noise_std > 0:
-            noise = draw_randn((*base.shape[:-1], model.vocab_size), generator, base.device, dtype)
-            base = base + vocab_ops.shard(noise) * noise_std
         y_next = base - alpha * g
         y = torch.where(active.unsqueeze(-1), y_next, y)
         used = used + active.long()

@@ -217,3 +217,32 @@ def test_thinking_helps_after_a_short_real_training_run():
     res = think(model, ids[:, :-1], steps=2, targets=ids[:, 1:], generator=torch.Generator().manual_seed(0))
     ce = res.ce_per_step
     assert ce[2] < ce[1] < ce[0], ce
+
+
+def _reference_think(model, ids, steps, alpha, noise_std, seed, noise_first=True):
+    """The literal inference loop, written out: per step, the candidate gets its Langevin noise
+    BEFORE the energy evaluation (as in training), then y <- p - alpha dE/dp. `noise_first=False`
+    is the old, wrong placement (noise added to the result of the step): the negative control."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(*ids.shape, model.vocab_size, generator=gen, dtype=torch.float64)
+    for k in range(steps):
+        if noise_first:
+            y = y + torch.randn(y.shape, generator=gen, dtype=torch.float64) * noise_std
+        p = torch.softmax(y, -1).requires_grad_(True)
+        energy = model.energy_from_probs(model.prepare(ids, k), p, k)
+        (g,) = torch.autograd.grad(energy.sum(), p)
+        y = (p - alpha * g).detach()
+        if not noise_first:
+            y = y + torch.randn(y.shape, generator=gen, dtype=torch.float64) * noise_std
+    return y
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_noise_is_added_before_each_energy_evaluation(variant):
+    _, model = model_pair(seed=4, ebt_type=variant)
+    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(1))
+    got = think(model, ids, steps=3, noise_std=0.7, generator=torch.Generator().manual_seed(5)).logits
+    want = _reference_think(model, ids, 3, 5.0, 0.7, seed=5)
+    assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
+    wrong = _reference_think(model, ids, 3, 5.0, 0.7, seed=5, noise_first=False)
+    assert (got - wrong).abs().max().item() > 1e-2  # the check tells the two placements apart
