@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     from launchers.cli import add_launch_subcommand
 
     add_launch_subcommand(sub)
+    from .evaluate import add_eval_subcommand; add_eval_subcommand(sub)  # noqa: E702 (the lead moves this to ebt/cli.py)
     return parser
 
 
