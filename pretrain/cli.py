@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_launch_subcommand(sub)
     from .evaluate import add_eval_subcommand; add_eval_subcommand(sub)  # noqa: E702 (the lead moves this to ebt/cli.py)
+    from .sweep import add_sweep_subcommand; add_sweep_subcommand(sub)  # noqa: E702 (the lead moves this to ebt/cli.py)
     return parser
 
 
