@@ -29,8 +29,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -136,14 +134,16 @@ def load_sweep(path: str | Path) -> Sweep:
     runs = []
     for family, f_over in families.items():
         for size, s_over in sizes.items():
+            overrides = common + f_over + s_over
+            # One load (and validation) per (family, size): a budget only sets train.max_steps,
+            # whose one check (>= 1) is made here.
+            try:
+                cfg = load_config([experiment], overrides)
+            except ConfigError as err:
+                raise SweepError(f"{path}: run {family}-{size}-{tokens[0]}: {err}") from None
+            per_step = cfg.train.global_batch_size * cfg.data.seq_len
             for budget in tokens:
                 name = f"{family}-{size}-{budget}"
-                overrides = common + f_over + s_over
-                try:
-                    cfg = load_config([experiment], overrides)
-                except ConfigError as err:
-                    raise SweepError(f"{path}: run {name}: {err}") from None
-                per_step = cfg.train.global_batch_size * cfg.data.seq_len
                 steps = budget // per_step
                 if steps < 1:
                     raise SweepError(f"{path}: tokens: {budget} is less than one step of {per_step} tokens "
@@ -172,14 +172,18 @@ def run_summary(run: RunSpec) -> Optional[Dict[str, Any]]:
 
 
 def _train_local(run: RunSpec, experiment: str, log_dir: Path) -> None:
+    """Trains one run in this process (a run folder with checkpoints resumes); its log lines go
+    to log_dir/NAME.log. Ctrl-C stops it like `ebt pretrain` (the last checkpoint stays)."""
+    from .config import load_config
+    from .trainer import train
+
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pretrain", "pretrain", experiment, *run.overrides]
     with open(log_dir / f"{run.name}.log", "a") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    if rc == 130 or rc < 0:
-        raise KeyboardInterrupt
-    if rc != 0:
-        raise SweepError(f"run {run.name} failed with exit code {rc}; see {log_dir / (run.name + '.log')}")
+        def log(line: str) -> None:
+            out.write(line + "\n")
+            out.flush()
+
+        train(load_config([experiment], run.overrides), log=log)
 
 
 def _launch(run: RunSpec, sweep: Sweep, dry_run: bool) -> None:
