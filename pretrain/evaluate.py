@@ -3,7 +3,9 @@
 For the run's validation split and for named out-of-distribution (OOD) text sets, tokenized with
 the run's own tokenizer, it measures
   * the System-2 curve: cross-entropy and mean energy after 0..N inference thinking steps
-    (thinking from noise, no inference noise, the model's own step size);
+    (thinking from noise, the model's own step size, and the run's inference Langevin noise
+    `thinking.eval_noise_std`, added before each step's energy evaluation as in training;
+    `--noise-std` overrides it);
   * self-verification: best-of-G by final energy (G = 1, 2, 4 by default) at the trained number
     of steps;
   * early stop: per-position stop once the energy falls by less than a tolerance, with the
@@ -54,6 +56,8 @@ class Evaluated:
     """The most thinking steps one training batch took (S2: num_steps_max)."""
     data_cfg: Optional[Dict[str, Any]]
     """The run's data section (None for an export whose source run is gone)."""
+    noise_std: float = 0.0
+    """The run's inference noise (thinking.eval_noise_std; an export's thinking.json noise_std)."""
 
 
 def _trained_steps(thinking: Dict[str, Any]) -> int:
@@ -80,7 +84,8 @@ def load_for_eval(source: str | Path) -> Evaluated:
         raw = json.loads((path / "thinking.json").read_text())
         trained = _trained_steps(meta["config"]["thinking"]) if meta else int(raw.get("trained_steps") or 1)
         return Evaluated(str(path), export.model, isinstance(export.model, EnergyTransformer), export.tokenizer(),
-                         export.config.max_seq_len, trained, meta["config"]["data"] if meta else None)
+                         export.config.max_seq_len, trained, meta["config"]["data"] if meta else None,
+                         float(export.thinking.noise_std))
     try:
         checkpoint = resolve_checkpoint(path)
     except ExportError:
@@ -96,8 +101,9 @@ def load_for_eval(source: str | Path) -> Evaluated:
 
     data_cfg = meta["config"]["data"]
     prepared = prepare_dataset(DataConfig(**data_cfg))  # offline: cached, or rebuilt from packaged text
+    thinking = meta["config"].get("thinking", {})
     return Evaluated(str(path), model, isinstance(model, EnergyTransformer), prepared.tokenizer, prepared.seq_len,
-                     _trained_steps(meta["config"].get("thinking", {})), data_cfg)
+                     _trained_steps(thinking), data_cfg, float(thinking.get("eval_noise_std", 0.0)))
 
 
 # -- the evaluation sets ---------------------------------------------------------------------
@@ -164,7 +170,8 @@ def _batches(windows: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
 
 
 def measure_set(ev: Evaluated, name: str, windows: torch.Tensor, *, steps: int, samples: Sequence[int],
-                early_stop_tol: float, batch_size: int, twin: Optional[Evaluated] = None) -> SetResult:
+                early_stop_tol: float, batch_size: int, twin: Optional[Evaluated] = None,
+                noise_std: float = 0.0) -> SetResult:
     """Every System-2 quantity of one set, as means over its windows (weighted by rows)."""
     from .thinking import cross_entropy, think
 
@@ -178,13 +185,15 @@ def measure_set(ev: Evaluated, name: str, windows: torch.Tensor, *, steps: int, 
         ctx, tgt = ids[:, :-1], ids[:, 1:]
         n = ids.shape[0]
         seed = EVAL_SEED + i  # the same starting noise for every measurement of this batch
-        r = think(model, ctx, steps, targets=tgt, generator=torch.Generator().manual_seed(seed))
+        r = think(model, ctx, steps, targets=tgt, noise_std=noise_std, generator=torch.Generator().manual_seed(seed))
         ce += torch.tensor(r.ce_per_step, dtype=torch.float64) * n
         energy += r.energies.double().mean(dim=(1, 2)) * n
         for g in samples:
-            chosen = think(model, ctx, trained, num_samples=g, generator=torch.Generator().manual_seed(seed))
+            chosen = think(model, ctx, trained, num_samples=g, noise_std=noise_std,
+                           generator=torch.Generator().manual_seed(seed))
             best[g] += cross_entropy(chosen.logits, tgt).item() * n
-        stop = think(model, ctx, steps, early_stop_tol=early_stop_tol, generator=torch.Generator().manual_seed(seed))
+        stop = think(model, ctx, steps, early_stop_tol=early_stop_tol, noise_std=noise_std,
+                     generator=torch.Generator().manual_seed(seed))
         es_ce += cross_entropy(stop.logits, tgt).item() * n
         es_steps += stop.steps_used.double().mean().item() * n
         if twin is not None:
@@ -280,10 +289,12 @@ def plot_results(results: List[SetResult], trained: int, path: Path) -> None:
 
 def run_eval(source: str, *, ood: Sequence[str] = DEFAULT_OOD, steps: int = 8, samples: Sequence[int] = (1, 2, 4),
              early_stop_tol: float = 0.01, batches: int = 4, batch_size: int = 16, twin: Optional[str] = None,
-             out: Optional[str] = None, log=print) -> Dict[str, Any]:
+             out: Optional[str] = None, noise_std: Optional[float] = None, log=print) -> Dict[str, Any]:
     """Evaluates `source` (see module doc); returns the JSON record it writes."""
     if steps < 1 or batches < 1 or batch_size < 1 or not samples or min(samples) < 1:
         raise ValueError(f"--steps, --batches, --batch-size and every --samples value must be >= 1")
+    if noise_std is not None and noise_std < 0:
+        raise ValueError(f"--noise-std: must be >= 0, got {noise_std}")
     if len(set(ood)) != len(ood):
         raise ValueError(f"--ood: a set is named twice in {list(ood)}")
     for name in ood:  # every name checked before any work
@@ -292,6 +303,7 @@ def run_eval(source: str, *, ood: Sequence[str] = DEFAULT_OOD, steps: int = 8, s
     ev = load_for_eval(source)
     if not ev.is_ebt:
         raise ValueError(f"{source}: is a Transformer++ model; evaluate an EBT and pass it as --twin")
+    noise_std = ev.noise_std if noise_std is None else noise_std
     twin_ev = None
     if twin is not None:
         twin_ev = load_for_eval(twin)
@@ -313,13 +325,14 @@ def run_eval(source: str, *, ood: Sequence[str] = DEFAULT_OOD, steps: int = 8, s
     for name, windows in sets:
         log(f"eval: {name}: {windows.shape[0]} sequences of {windows.shape[1] - 1} tokens")
         results.append(measure_set(ev, name, windows, steps=steps, samples=sorted(set(samples)),
-                                   early_stop_tol=early_stop_tol, batch_size=batch_size, twin=twin_ev))
+                                   early_stop_tol=early_stop_tol, batch_size=batch_size, twin=twin_ev,
+                                   noise_std=noise_std))
     summaries = [summarize(r, trained, steps) for r in results]
     out_dir = Path(out) if out is not None else Path(source) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "source": str(source), "twin": twin, "trained_steps": trained, "steps": steps,
-        "early_stop_tol": early_stop_tol, "sets": [
+        "early_stop_tol": early_stop_tol, "noise_std": noise_std, "sets": [
             dict(name=r.name, sequences=r.sequences, ce_per_step=r.ce_per_step, energy_per_step=r.energy_per_step,
                  best_of={str(g): v for g, v in r.best_of.items()}, early_stop_ce=r.early_stop_ce,
                  early_stop_steps=r.early_stop_steps, twin_ce=r.twin_ce, **s)
@@ -353,7 +366,7 @@ def _int_list(text: str) -> List[int]:
 def cmd_eval(args: argparse.Namespace) -> int:
     run_eval(args.source, ood=[s for s in args.ood.split(",") if s] if args.ood else [], steps=args.steps,
              samples=args.samples, early_stop_tol=args.early_stop_tol, batches=args.batches,
-             batch_size=args.batch_size, twin=args.twin, out=args.out)
+             batch_size=args.batch_size, twin=args.twin, out=args.out, noise_std=args.noise_std)
     return 0
 
 
@@ -369,6 +382,8 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="most inference thinking steps (default 8)")
     p.add_argument("--samples", type=_int_list, default=[1, 2, 4], help="best-of-G values, e.g. 1,2,4 (default)")
     p.add_argument("--early-stop-tol", type=float, default=0.01, help="stop a position when its energy falls less")
+    p.add_argument("--noise-std", type=float, default=None, help="Langevin noise added to the candidate before "
+                   "each step's energy evaluation, as in training (default: the run's thinking.eval_noise_std)")
     p.add_argument("--ood", default=",".join(DEFAULT_OOD), help="comma-separated OOD sets (default pydoc,pysource;"
                    " empty: none)")
     p.add_argument("--batches", type=int, default=4, help="batches per set (default 4)")

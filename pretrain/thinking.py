@@ -62,6 +62,10 @@ class ThinkingConfig:
     """Rows added to each batch from the buffer, as a fraction of the batch (S2: 0.5)."""
     eval_steps: int = 3
     """Thinking steps at evaluation; the System-2 gain compares them with `num_steps`."""
+    eval_noise_std: float = 0.0
+    """Langevin noise at evaluation and inference, added to the candidate before each step's
+    energy evaluation exactly as in training (S2: = langevin_std, so evaluation thinks on the
+    landscape the model was trained on; without it the extra steps oscillate, docs/results.md)."""
     per_step_backward: bool = True
     """Backpropagate each step's loss when it ends (only when steps are detached; exact)."""
     reuse_context: bool = True
@@ -85,7 +89,7 @@ class ThinkingConfig:
             raise bad("grad_wrt", f"{self.grad_wrt!r} is not one of {GRAD_WRT}")
         if self.step_size_jitter < 1.0:
             raise bad("step_size_jitter", f"must be >= 1 (1 disables it), got {self.step_size_jitter}")
-        if self.langevin_std < 0 or self.init_std < 0:
+        if self.langevin_std < 0 or self.init_std < 0 or self.eval_noise_std < 0:
             raise bad("langevin_std", "noise standard deviations must be >= 0")
         if self.replay_size < 0 or not 0.0 <= self.replay_fraction <= 1.0:
             raise bad("replay_fraction", "replay_size must be >= 0 and replay_fraction in [0, 1]")

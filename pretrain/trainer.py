@@ -422,7 +422,7 @@ class Trainer:
             ctx, tgt = ids[:, :-1], ids[:, 1:]
             with self.autocast():
                 if self.is_ebt:
-                    r = think(self.model, ctx, steps, generator=gen, targets=tgt,
+                    r = think(self.model, ctx, steps, generator=gen, targets=tgt, noise_std=th.eval_noise_std,
                               init=th.init, init_std=th.init_std, grad_wrt=th.grad_wrt)
                     ce = torch.tensor(r.ce_per_step, dtype=torch.float64)
                     energy = r.energies.double().mean(dim=(1, 2)).cpu()
