@@ -1,4 +1,4 @@
-"""`ebt COMMAND ...`: pretrain, plot, data, export, generate, serve, launch (also `python -m ebt`
+"""`ebt COMMAND ...`: pretrain, plot, data, export, generate, serve, eval, sweep, launch (also `python -m ebt`
 and `python -m pretrain`).
 
 Each package registers its own subcommands (`add_*_subcommand(s)`); this module builds the
@@ -23,12 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     from launchers.cli import add_launch_subcommand
     from pretrain.cli import add_pretrain_subcommands
     from pretrain.inference_cli import add_inference_subcommands
+    from pretrain.research_cli import add_eval_subcommand, add_sweep_subcommand
 
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformer pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_pretrain_subcommands(sub, callbacks=_top_layer_callbacks)
     add_data_subcommand(sub)
     add_inference_subcommands(sub)
+    add_eval_subcommand(sub)
+    add_sweep_subcommand(sub)
     add_launch_subcommand(sub)
     return parser
 

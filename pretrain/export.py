@@ -77,7 +77,8 @@ def _model_config(meta: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Model
 
 def _thinking_defaults(meta: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     thinking = meta["config"].get("thinking", {})
-    defaults = ThinkingDefaults(steps=int(thinking.get("eval_steps", 2)))
+    defaults = ThinkingDefaults(steps=int(thinking.get("eval_steps", 2)),
+                                noise_std=float(thinking.get("eval_noise_std", 0.0)))
     out = dataclasses.asdict(defaults)
     if "step_size" in state:
         out["step_size"] = float(state["step_size"])

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .model.ebt import EnergyTransformer
-from .thinking import descend, draw_randn
+from .thinking import add_langevin_noise, descend, draw_randn
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]
 MODES = ("kv", "recompute", "reference")
@@ -198,10 +198,7 @@ class EBTInference:
         energies: List[torch.Tensor] = []
         prev = None
         for k in range(steps):
-            y_in = y
-            if noise_std > 0:  # before the energy evaluation, as in training
-                noise = draw_randn((rows, 1, model.vocab_size), generator, device, dtype)
-                y_in = y + vocab_ops.shard(noise) * noise_std
+            y_in = add_langevin_noise(y, noise_std, model.vocab_size, vocab_ops, generator)  # as in training
             with torch.enable_grad():
                 energy, _, y_next = descend(vocab_ops, lambda p: self._energy(cache, p, k, mode),
                                             y_in.detach().requires_grad_(True), alpha)

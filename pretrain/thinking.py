@@ -66,6 +66,10 @@ class ThinkingConfig:
     """Storage dtype of the buffer's logits: `float32` (exact for float32 training) or `bfloat16` (half the bytes)."""
     eval_steps: int = 3
     """Thinking steps at evaluation; the System-2 gain compares them with `num_steps`."""
+    eval_noise_std: float = 0.0
+    """Langevin noise at evaluation and inference, added to the candidate before each step's
+    energy evaluation exactly as in training (S2: = langevin_std, so evaluation thinks on the
+    landscape the model was trained on; without it the extra steps oscillate, docs/results.md)."""
     per_step_backward: bool = True
     """Backpropagate each step's loss when it ends (only when steps are detached; exact)."""
     reuse_context: bool = True
@@ -97,7 +101,7 @@ class ThinkingConfig:
             raise bad("grad_wrt", f"{self.grad_wrt!r} is not one of {GRAD_WRT}")
         if self.step_size_jitter < 1.0:
             raise bad("step_size_jitter", f"must be >= 1 (1 disables it), got {self.step_size_jitter}")
-        if self.langevin_std < 0 or self.init_std < 0:
+        if self.langevin_std < 0 or self.init_std < 0 or self.eval_noise_std < 0:
             raise bad("langevin_std", "noise standard deviations must be >= 0")
         if self.replay_size < 0 or not 0.0 <= self.replay_fraction <= 1.0:
             raise bad("replay_fraction", "replay_size must be >= 0 and replay_fraction in [0, 1]")
@@ -258,6 +262,17 @@ def draw_randn(shape, generator, device, dtype) -> torch.Tensor:
 def draw_rand(shape, generator, device, dtype) -> torch.Tensor:
     """Uniform [0, 1) noise, drawn like `draw_randn`."""
     return torch.rand(shape, generator=generator, device=_generator_device(generator), dtype=dtype).to(device)
+
+
+def add_langevin_noise(y: torch.Tensor, std: float, vocab: int, vocab_ops, generator) -> torch.Tensor:
+    """y + std * N(0, 1) from one generator: the noise each inference thinking step adds to its
+    candidate BEFORE the energy evaluation, as training does (`think()` and generation; the
+    training unroll draws the same placement from its keyed `Draws`). Drawn over the full
+    vocabulary, then sharded, so every layout sees the same candidate. std = 0 draws nothing."""
+    if std <= 0:
+        return y
+    noise = draw_randn((*y.shape[:-1], vocab), generator, y.device, y.dtype)
+    return y + vocab_ops.shard(noise) * std
 
 
 def initial_candidates(batch: int, seq: int, vocab: int, cfg: ThinkingConfig, generator, device, dtype):
@@ -446,7 +461,8 @@ def think(
     targets: Optional[torch.Tensor] = None,
 ) -> ThinkResult:
     """Inference-time thinking: `steps` updates (any number; extra steps reuse the last step
-    embedding), optional alpha/noise overrides, best-of-`num_samples` by final energy per
+    embedding), optional alpha/noise overrides (the noise moves the candidate before each
+    step's energy evaluation, as in training), best-of-`num_samples` by final energy per
     position, and per-position early stop once the energy falls by less than `early_stop_tol`.
     No parameter gradients are computed."""
     if steps < 0 or num_samples < 1:
@@ -482,9 +498,7 @@ def think(
     record_ce(y)
     prev_energy = None
     for k in range(steps):
-        y_in = y
-        if noise_std > 0:  # before the energy evaluation, as in training
-            y_in = y + vocab_ops.shard(draw_randn((*y.shape[:-1], model.vocab_size), generator, y.device, dtype)) * noise_std
+        y_in = add_langevin_noise(y, noise_std, model.vocab_size, vocab_ops, generator)  # as in training
         ctx = prepared(k)
         with torch.enable_grad():
             energy, _, y_next = descend(vocab_ops, lambda p: model.energy_from_probs(ctx, p, k),

@@ -208,7 +208,7 @@ class EBTTrainModule(TrainModule):
             ids = batch.to(self.device)
             with self.autocast(self.dtype):
                 r = think(self.model, ids[:, :-1], steps, generator=gen, targets=ids[:, 1:],
-                          init=th.init, init_std=th.init_std, grad_wrt=th.grad_wrt)
+                          noise_std=th.eval_noise_std, init=th.init, init_std=th.init_std, grad_wrt=th.grad_wrt)
             ce = torch.tensor(r.ce_per_step, dtype=torch.float64)
             energy = r.energies.double().mean(dim=(1, 2)).cpu()
             ce_sum = ce if ce_sum is None else ce_sum + ce

@@ -89,7 +89,11 @@ class Block(nn.Module):
 
     With `adaln`, a conditioning vector c (B, D) gives shift/scale/gate per sub-layer
     (DiT-style). The modulation starts at zero and the gates enter as (1 + gate), so the block
-    starts as a plain pre-norm block and every parameter receives a gradient from step one.
+    starts as a plain pre-norm block. Consequence at initialisation: the modulation weights get
+    a gradient (through silu(c)), but the step embeddings c get EXACTLY ZERO, since every path
+    from c to the energy runs through the zero modulation matrix; they start learning after the
+    first optimizer step has moved the modulation. Tests that compare their gradients must move
+    the modulation off zero first (tests/unit/test_model_exactness.py does).
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_hidden: int, eps: float, adaln: bool) -> None:

@@ -51,7 +51,11 @@ def test_recipes_match_the_spec():
     th = s2.thinking
     assert (th.num_steps, th.num_steps_max, th.detach_between_steps, th.create_graph, th.loss_on) == (2, 3, False, "last", "last")
     assert (s2.model.step_size, s2.model.learn_step_size, th.step_size_jitter, th.langevin_std) == (5.0, False, 2.0, 3.0)
-    assert (th.replay_size, th.replay_fraction, th.eval_steps) == (192, 0.5, 3)
+    assert (th.replay_size, th.replay_fraction, th.eval_steps, th.eval_noise_std) == (192, 0.5, 6, 3.0)
+    # one landscape: the energy does not depend on the step index (the per-step variant is a
+    # separately, honestly named experiment)
+    assert s2.model.ebt_type == "default" and load_config([]).model.ebt_type == "default"
+    assert load_config(["s2_step_embeddings"]).model.ebt_type == "time_embed"
 
 
 @pytest.mark.parametrize(

@@ -149,3 +149,34 @@ def test_early_stop_and_sampling_controls():
     assert {sample(logits, 1.0, 0, 0.3, g) for _ in range(20)} == {1}
     with pytest.raises(ValueError, match="top_p"):
         sample(logits, 1.0, 0, 0.0, g)
+
+
+@pytest.mark.parametrize("mode", ("kv", "reference"))
+def test_generation_noise_is_added_before_each_energy_evaluation(mode):
+    """next_token with Langevin noise against the literal loop on the full model: noise moves the
+    candidate first, then y <- p - alpha dE/dp (as in training); the old placement (noise after
+    the step) is the negative control."""
+    model = _model("time_embed")
+    engine = EBTInference(model)
+    ids = torch.randint(0, 31, (2, 7), generator=torch.Generator().manual_seed(3))
+    got = engine.next_token(engine.prefill(ids), steps=3, noise_std=0.5, mode=mode,
+                            generator=torch.Generator().manual_seed(9)).logits
+
+    def literal(noise_first: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(9)
+        y = torch.randn(2, 1, 31, generator=gen, dtype=torch.float64)
+        before = torch.full((2, 6, 31), 1 / 31, dtype=torch.float64)
+        for k in range(3):
+            if noise_first:
+                y = y + torch.randn(y.shape, generator=gen, dtype=torch.float64) * 0.5
+            p = torch.softmax(y, -1).requires_grad_(True)
+            energy = model.energy_from_probs(model.prepare(ids, k), torch.cat([before, p], 1), k)[:, -1]
+            (g,) = torch.autograd.grad(energy.sum(), p)
+            y = (p - model.effective_step_size().detach() * g).detach()
+            if not noise_first:
+                y = y + torch.randn(y.shape, generator=gen, dtype=torch.float64) * 0.5
+        return y[:, 0]
+
+    want = literal(noise_first=True)
+    assert (got - want).abs().max().item() < 1e-10 * max(1.0, want.abs().max().item())
+    assert (got - literal(noise_first=False)).abs().max().item() > 1e-2

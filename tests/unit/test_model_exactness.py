@@ -194,3 +194,27 @@ def test_energy_rejects_wrong_shapes():
         model.energy(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 12))
     with pytest.raises(ValueError, match="max_seq_len"):
         model.energy(torch.zeros(1, 9, dtype=torch.long), torch.zeros(1, 9, 13))
+
+
+def test_adaln_step_embeddings_get_exactly_zero_gradient_at_init_and_learn_after_one_step():
+    """The adaLN modulation starts at zero, so at initialisation the step embeddings' gradient is
+    exactly 0 (a step-0 comparison of it would be 0 vs 0) while the modulation's is not; one
+    optimizer step moves the modulation and from then on the embeddings learn (the same check
+    then sees a non-zero gradient: it is not blind)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(ebt_type="adaln", num_step_embeddings=2)).double()
+    ids = torch.randint(0, 13, (2, 6))
+    y = torch.randn(2, 6, 13, dtype=torch.float64)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        yl = y.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model.energy(ids, yl, step=1).sum(), yl, create_graph=True)
+        (yl - 5.0 * g).square().sum().backward()  # a second-order training-style loss
+        return model.step_embeddings.weight.grad, model.layers[0].modulation.weight.grad
+
+    emb, mod = grads()
+    assert torch.count_nonzero(emb) == 0 and mod.abs().max() > 0
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    emb, _ = grads()
+    assert emb[1].abs().max() > 0  # the embedding of the step used is learning now

@@ -245,20 +245,30 @@ def test_keyed_draws_are_per_sample_and_layout_invariant():
     assert counts == {2, 3} and StepKey(0, 5).num_steps(s2) == StepKey(0, 5).num_steps(s2)
 
 
-def test_inference_noise_is_added_before_each_energy_evaluation():
-    from pretrain.thinking import draw_randn
-
-    torch.manual_seed(0)
-    model = build_model(dict(vocab_size=13, dim=16, num_heads=2, num_layers=1, max_seq_len=8, step_size=5.0)).double()
-    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(1))
-    got = think(model, ids, steps=2, noise_std=0.7, generator=torch.Generator().manual_seed(4))
-    # by hand: y0 ~ N(0,1); each step y <- softmax(y + noise) - alpha * dE/dp at (y + noise)
-    gen = torch.Generator().manual_seed(4)
-    y = draw_randn((2, 6, 13), gen, "cpu", torch.float64)
-    alpha = float(model.effective_step_size())
-    for k in range(2):
-        noisy = (y + draw_randn((2, 6, 13), gen, "cpu", torch.float64) * 0.7).requires_grad_(True)
-        p = torch.softmax(noisy, -1)
-        (g,) = torch.autograd.grad(model.energy_from_probs(model.prepare(ids, k), p, k).sum(), p)
+def _reference_think(model, ids, steps, alpha, noise_std, seed, noise_first=True):
+    """The literal inference loop, written out: per step, the candidate gets its Langevin noise
+    BEFORE the energy evaluation (as in training), then y <- p - alpha dE/dp. `noise_first=False`
+    is the old, wrong placement (noise added to the result of the step): the negative control."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(*ids.shape, model.vocab_size, generator=gen, dtype=torch.float64)
+    for k in range(steps):
+        if noise_first:
+            y = y + torch.randn(y.shape, generator=gen, dtype=torch.float64) * noise_std
+        p = torch.softmax(y, -1).requires_grad_(True)
+        energy = model.energy_from_probs(model.prepare(ids, k), p, k)
+        (g,) = torch.autograd.grad(energy.sum(), p)
         y = (p - alpha * g).detach()
-    assert torch.allclose(got.logits, y, atol=1e-12, rtol=0)
+        if not noise_first:
+            y = y + torch.randn(y.shape, generator=gen, dtype=torch.float64) * noise_std
+    return y
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_noise_is_added_before_each_energy_evaluation(variant):
+    _, model = model_pair(seed=4, ebt_type=variant)
+    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(1))
+    got = think(model, ids, steps=3, noise_std=0.7, generator=torch.Generator().manual_seed(5)).logits
+    want = _reference_think(model, ids, 3, 5.0, 0.7, seed=5)
+    assert (got - want).abs().max().item() < 1e-12 * max(1.0, want.abs().max().item())
+    wrong = _reference_think(model, ids, 3, 5.0, 0.7, seed=5, noise_first=False)
+    assert (got - wrong).abs().max().item() > 1e-2  # the check tells the two placements apart
