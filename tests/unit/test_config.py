@@ -166,7 +166,7 @@ def test_groups_are_chosen_by_name_like_hydra():
     "override, names",
     [("model=smal", "did you mean 'small'? available: 3xs, 4xs, large, medium, small, xl, xs, xxs"),
      ("recipe=s3", "available: s1, s2"),
-     ("experiment=nope", "available: default, s1, s2, test_tiny, transformerpp"),
+     ("experiment=nope", "available: default, s1, s2, s2_step_embeddings, test_tiny, transformerpp"),
      ("model=", "available: 3xs, 4xs")],
 )
 def test_unknown_group_name_lists_the_available_ones_in_one_line(override: str, names: str):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.cli import main as ebt_main
+from ebt.cli import main as ebt_main
 from pretrain.config import load_config
 from pretrain.evaluate import load_for_eval, ood_windows, run_eval
 from pretrain.export import export_checkpoint

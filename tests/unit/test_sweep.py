@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.cli import main as ebt_main
+from ebt.cli import main as ebt_main
 from pretrain.sweep import fit_power_law, load_sweep, rate_ratio
 
 REPO = Path(__file__).resolve().parents[2]
