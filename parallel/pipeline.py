@@ -863,10 +863,12 @@ class EBTPipeline:
 
     def __init__(self, model: EnergyTransformer, dims: Optional[ParallelDims], thinking: ThinkingConfig,
                  num_microbatches: int, *, transport: Optional[Transport] = None,
-                 backprop: BackpropFn = _plain_backprop) -> None:
+                 backprop: BackpropFn = _plain_backprop, loss_fn: Optional[LossFn] = None) -> None:
+        if getattr(model, "pipeline_stage", None) is None:
+            split_stages(model, 1, 0)  # pp=1: the whole model is the one stage
         self.num_microbatches = num_microbatches
         self.transport = transport or (P2PTransport(dims) if dims is not None and dims.pp > 1 else LocalTransport())
-        self.stage = EBTStage(model, thinking, self.transport, backprop)
+        self.stage = EBTStage(model, thinking, self.transport, backprop, loss_fn)
         self.last_schedule: List[Task] = []
 
     def _plan(self, micro_batches: Optional[Sequence[MicroBatch]]) -> torch.Tensor:
@@ -878,9 +880,16 @@ class EBTPipeline:
                 plan[m] = torch.tensor([mb.input_ids.shape[0], mb.input_ids.shape[1] - 1, mb.num_steps])
         return self.transport.broadcast_from_first(plan)
 
-    def run(self, micro_batches: Optional[Sequence[MicroBatch]], loss_scale: Optional[float] = None) -> PipelineResult:
-        return run_pipeline([self.stage], self.transport, micro_batches, self.num_microbatches, loss_scale,
-                            plan_fn=self._plan, keep=self)
+    def run(self, micro_batches: Optional[Sequence[MicroBatch]], loss_scale: Optional[float] = None,
+            replay: Optional[ReplayBuffer] = None) -> PipelineResult:
+        """One optimizer step's micro-batches. With `replay` (stage 0's buffer, S2) each
+        micro-batch's fresh rows and final candidates are added unless the step is non-finite."""
+        result = run_pipeline([self.stage], self.transport, micro_batches, self.num_microbatches, loss_scale,
+                              plan_fn=self._plan, keep=self)
+        if replay is not None and self.stage.info.is_first and self.stage.cfg.replay_size > 0 and not bool(result.nonfinite):
+            for mb, final in zip(micro_batches, result.final_logits):
+                replay.add(mb.input_ids[:mb.fresh_rows], final[:mb.fresh_rows])
+        return result
 
 
 def run_pipeline(stages: Sequence[EBTStage], transport: Transport, micro_batches, num_microbatches: int,
