@@ -347,17 +347,15 @@ def simulate_schedule(tasks: Sequence[Task], num_stages: int, cost: Callable[[Ta
 
 
 def unit_cost(task: Task) -> float:
-    """Relative compute of a task (forward of one stage's blocks = 1). The last stage's F also
-    runs the thinking backward, its OD also the OU part."""
-    return {"F": 1.0, "B": 1.0, "OD": 2.0, "OU": 1.0, "Y": 0.0, "CU": 0.5}[task.kind]
+    """One unit per task (a stage's share of one pass); the last stage's F also runs the
+    thinking backward, its OD also the OU part, so those take two. The chain cut Y is free."""
+    return 0.0 if task.kind == "Y" else 1.0
 
 
 def fused_cost(num_stages: int) -> Callable[[Task], float]:
     def cost(task: Task) -> float:
-        base = unit_cost(task)
-        if task.stage == num_stages - 1 and task.kind in ("F", "OD"):
-            base += unit_cost(Task("B" if task.kind == "F" else "OU", 0, 0))
-        return base
+        fused = task.stage == num_stages - 1 and num_stages > 1 and task.kind in ("F", "OD")
+        return unit_cost(task) * (2.0 if fused else 1.0)
 
     return cost
 
@@ -376,12 +374,12 @@ def schedule_table(tasks: Sequence[Task], num_stages: int, cost: Optional[Callab
     cell the task running then (kind, micro-batch.step; `.` idle)."""
     cost = cost or fused_cost(num_stages)
     times = simulate_schedule(tasks, num_stages, cost)
-    span = int(round(max(end for _, end in times.values()) * 2))
+    span = int(round(max(end for _, end in times.values())))
     grid = [["."] * span for _ in range(num_stages)]
     for task, (start, end) in times.items():
-        for t in range(int(round(start * 2)), int(round(end * 2))):
+        for t in range(int(round(start)), int(round(end))):
             grid[task.stage][t] = task.label()
-    header = "| stage | " + " | ".join(str(t / 2).rstrip("0").rstrip(".") for t in range(span)) + " |"
+    header = "| stage | " + " | ".join(str(t) for t in range(span)) + " |"
     rule = "|---" * (span + 1) + "|"
     rows = [f"| {s} | " + " | ".join(row) + " |" for s, row in enumerate(grid)]
     return "\n".join([header, rule, *rows])
