@@ -197,10 +197,13 @@ Shape = Tuple[int, ...]
 class Transport:
     """Moves lists of tensors between stages. `recv` knows the shapes ahead."""
 
-    def send(self, tensors: Sequence[torch.Tensor], src: int, dst: int) -> None:
+    def send(self, tensors: Sequence[torch.Tensor], src: int, dst: int, tag: int = 0) -> None:
         raise NotImplementedError
 
-    def recv(self, shapes: Sequence[Shape], dtype: torch.dtype, device: torch.device, src: int, dst: int) -> List[torch.Tensor]:
+    def recv(self, shapes: Sequence[Shape], dtype: torch.dtype, device: torch.device, src: int, dst: int,
+             tag: int = 0) -> List[torch.Tensor]:
+        """Blocks until the message with `tag` from `src` arrives (messages with one tag
+        between two stages arrive in the order sent)."""
         raise NotImplementedError
 
     def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -225,18 +228,18 @@ class P2PTransport(Transport):
         """Time spent blocked in receives (the measured bubble, with the compute split)."""
         self.num_messages = 0
 
-    def send(self, tensors, src, dst) -> None:
+    def send(self, tensors, src, dst, tag: int = 0) -> None:
         for t in tensors:
             buf = t.detach().contiguous()
-            self._pending.append((dist.isend(buf, dst=self.dims.pp_ranks[dst]), buf))
+            self._pending.append((dist.isend(buf, dst=self.dims.pp_ranks[dst], tag=tag), buf))
             self.num_messages += 1
 
-    def recv(self, shapes, dtype, device, src, dst) -> List[torch.Tensor]:
+    def recv(self, shapes, dtype, device, src, dst, tag: int = 0) -> List[torch.Tensor]:
         start = time.perf_counter()
         out = []
         for shape in shapes:
             buf = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(buf, src=self.dims.pp_ranks[src])
+            dist.recv(buf, src=self.dims.pp_ranks[src], tag=tag)
             out.append(buf)
         self.wait_seconds += time.perf_counter() - start
         return out
@@ -260,16 +263,16 @@ class LocalTransport(Transport):
     and pp=1). Messages are copied, as a wire would."""
 
     def __init__(self) -> None:
-        self.boxes: Dict[Tuple[int, int], deque] = defaultdict(deque)
+        self.boxes: Dict[Tuple[int, int, int], deque] = defaultdict(deque)
         self.wait_seconds = 0.0
         self.num_messages = 0
 
-    def send(self, tensors, src, dst) -> None:
-        self.boxes[(src, dst)].append([t.detach().clone() for t in tensors])
+    def send(self, tensors, src, dst, tag: int = 0) -> None:
+        self.boxes[(src, dst, tag)].append([t.detach().clone() for t in tensors])
         self.num_messages += len(tensors)
 
-    def recv(self, shapes, dtype, device, src, dst) -> List[torch.Tensor]:
-        got = self.boxes[(src, dst)].popleft()
+    def recv(self, shapes, dtype, device, src, dst, tag: int = 0) -> List[torch.Tensor]:
+        got = self.boxes[(src, dst, tag)].popleft()
         if [tuple(t.shape) for t in got] != [tuple(s) for s in shapes]:
             raise RuntimeError(f"pipeline message {src}->{dst}: shapes {[tuple(t.shape) for t in got]}, expected {shapes}")
         return got
@@ -317,6 +320,15 @@ def gpipe_schedule(num_stages: int, num_steps: Sequence[int], make_graph: Sequen
     return tasks
 
 
+_KINDS = ("F", "B", "OD", "OU", "Y", "CU")
+
+
+def message_tag(task: Task) -> int:
+    """The p2p tag of the message `task` sends: its identity, so a stage can receive messages
+    in another order than they were sent (the interleaved schedule does)."""
+    return (_KINDS.index(task.kind) * 1024 + task.step + 1) * 65536 + task.micro
+
+
 def _source(task: Task, num_stages: int) -> Optional[Task]:
     """The task whose message `task` waits for (None: needs no message)."""
     p, s = num_stages, task.stage
@@ -331,6 +343,67 @@ def _source(task: Task, num_stages: int) -> Optional[Task]:
     if task.kind == "CU":
         return Task("CU", s + 1, task.micro) if s < p - 1 else None
     return None
+
+
+def _dependencies(task: Task, num_stages: int, num_steps: Sequence[int], make_graph: Sequence[Sequence[bool]],
+                  shared_context: bool) -> List[Task]:
+    """Every task `task` must follow: the message it receives, and the stage-local order the
+    arithmetic needs (stage 0's candidate update before the next step; reverse chronological
+    order of a micro-batch's outer backward; the context backward last)."""
+    p, s, m, k = num_stages, task.stage, task.micro, task.step
+    deps = [d for d in (_source(task, p),) if d is not None]
+    last_fwd = Task("B" if p > 1 else "F", 0, m, num_steps[m] - 1)
+
+    def outer_of(step: int, stage: int) -> Task:
+        """The task that ends step `step`'s outer backward on `stage`."""
+        if not make_graph[m][step]:
+            return Task("Y", 0, m, step)
+        return Task("OD" if stage == p - 1 else "OU", stage, m, step)
+
+    if task.kind == "F" and s == 0 and k > 0:
+        deps.append(Task("B" if p > 1 else "F", 0, m, k - 1))
+    if task.kind in ("OD", "Y") and s == 0:
+        deps.append(last_fwd)
+        if k + 1 < num_steps[m]:
+            deps.append(outer_of(k + 1, 0))
+    if task.kind == "CU":
+        deps += [outer_of(j, s) for j in range(num_steps[m]) if make_graph[m][j]] or [last_fwd]
+    return deps
+
+
+def interleaved_schedule(num_stages: int, num_steps: Sequence[int], make_graph: Sequence[Sequence[bool]],
+                         shared_context: bool, cost: Optional[Callable[[Task], float]] = None) -> List[Task]:
+    """The same tasks as `gpipe_schedule`, ordered by list scheduling: each stage runs, as
+    soon as it is free, the ready task that can start first (ties: the lower micro-batch).
+    Micro-batches then overlap *across* thinking steps - stage 0 starts micro-batch 0's step
+    k+1 while micro-batch 1 is still in step k's round trip - instead of draining the pipeline
+    at the end of every phase. The result is again a valid global order (a task is placed
+    after everything it depends on), so it cannot deadlock."""
+    cost = cost or fused_cost(num_stages)
+    pool = gpipe_schedule(num_stages, num_steps, make_graph, shared_context)
+    deps = {t: _dependencies(t, num_stages, num_steps, make_graph, shared_context) for t in pool}
+    end: Dict[Task, float] = {}
+    free = [0.0] * num_stages
+    order: List[Task] = []
+    rank = {t: i for i, t in enumerate(pool)}
+    remaining = set(pool)
+    while remaining:
+        best = None
+        for t in remaining:
+            if all(d in end for d in deps[t]):
+                start = max([free[t.stage]] + [end[d] for d in deps[t]])
+                key = (start, t.micro, rank[t])
+                if best is None or key < best[0]:
+                    best = (key, t)
+        (start, _, _), task = best
+        end[task] = start + cost(task)
+        free[task.stage] = end[task]
+        order.append(task)
+        remaining.remove(task)
+    return order
+
+
+SCHEDULES = {"gpipe": gpipe_schedule, "interleaved": interleaved_schedule}
 
 
 def simulate_schedule(tasks: Sequence[Task], num_stages: int, cost: Callable[[Task], float]) -> Dict[Task, Tuple[float, float]]:
@@ -566,6 +639,13 @@ class EBTStage:
         roots, st.pending = st.pending, []
         self._backprop(roots)
 
+    def _send(self, tensors: Sequence[torch.Tensor], direction: int) -> None:
+        self.transport.send(tensors, self.info.stage, self.info.stage + direction, self._send_tag)
+
+    def _recv(self, shapes: Sequence[Shape]) -> List[torch.Tensor]:
+        src = self._source_task
+        return self.transport.recv(shapes, self.dtype, self.device, src.stage, self.info.stage, message_tag(src))
+
     @staticmethod
     def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
         return t.grad if t.grad is not None else torch.zeros_like(t)
@@ -632,7 +712,7 @@ class EBTStage:
         if not info.is_first:
             shapes = [h_shape] + ([ctx_shape] if need_ctx else []) + (
                 [cond_shape] if need_ctx and model.cfg.ebt_type == "adaln" else [])
-            received = self.transport.recv(shapes, self.dtype, self.device, info.stage - 1, info.stage)
+            received = self._recv(shapes)
             if not need_ctx:
                 received = received[:1]
             elif len(received) == 2:
@@ -679,7 +759,7 @@ class EBTStage:
                 self._update(micro, k, g)
             else:
                 piece.g_in = g
-                self.transport.send([g], info.stage, info.stage - 1)
+                self._send([g], -1)
         else:
             piece.h_out = h
             out = [h]
@@ -687,7 +767,7 @@ class EBTStage:
                 out.append(ctx.h_out)
                 if ctx.cond is not None:
                     out.append(ctx.cond)
-            self.transport.send(out, info.stage, info.stage + 1)
+            self._send(out, +1)
 
     def _update(self, micro: int, k: int, g: torch.Tensor) -> None:
         """Stage 0: y_{k+1} = p - alpha * dE/dp (as pretrain.thinking.unroll), and the step's loss."""
@@ -718,14 +798,14 @@ class EBTStage:
         make_graph = self.make_graph(micro, k)
         h_shape, _, _ = self._shapes(micro)
         piece = st.pieces[k]
-        (received,) = self.transport.recv([h_shape], self.dtype, self.device, info.stage + 1, info.stage)
+        (received,) = self._recv([h_shape])
         piece.g_leaf = self._gradient_leaf(received, make_graph)
         (g,) = torch.autograd.grad(piece.h_out, piece.wrt, grad_outputs=piece.g_leaf, create_graph=make_graph)
         if info.is_first:
             self._update(micro, k, g)
         else:
             piece.g_in = g
-            self.transport.send([g], info.stage, info.stage - 1)
+            self._send([g], -1)
 
     def outer_down(self, micro: int, k: int) -> None:
         """OD: the adjoint of dE/dh_in (from the stage below) becomes a root; back-propagate and
@@ -737,13 +817,13 @@ class EBTStage:
                 st.pending.append((st.loss_roots.pop(k), torch.ones((), dtype=self.dtype, device=self.device)))
         else:
             h_shape, _, _ = self._shapes(micro)
-            (adj,) = self.transport.recv([h_shape], self.dtype, self.device, info.stage - 1, info.stage)
+            (adj,) = self._recv([h_shape])
             st.pending.append((piece.g_in, adj))
         self._flush(st)
         if info.is_last:
             self._finish_step(micro, k)
         else:
-            self.transport.send([self._grad_or_zeros(piece.g_leaf)], info.stage, info.stage + 1)
+            self._send([self._grad_or_zeros(piece.g_leaf)], +1)
 
     def outer_up(self, micro: int, k: int) -> None:
         """OU: the adjoint of the sent activations arrives; back-propagate the step's piece."""
@@ -753,7 +833,7 @@ class EBTStage:
         own_ctx = not self.shared_context
         shapes = [h_shape] + ([ctx_shape] if own_ctx else []) + (
             [cond_shape] if own_ctx and self.model.cfg.ebt_type == "adaln" else [])
-        got = self.transport.recv(shapes, self.dtype, self.device, info.stage + 1, info.stage)
+        got = self._recv(shapes)
         st.pending.append((piece.h_out, got[0]))
         st.ctx_adjoints[k] = got[1:]
         self._flush(st)
@@ -781,7 +861,7 @@ class EBTStage:
         if info.is_first:
             self._chain_root(st, k)
         else:
-            self.transport.send([self._grad_or_zeros(piece.wrt)] + out, info.stage, info.stage - 1)
+            self._send([self._grad_or_zeros(piece.wrt)] + out, -1)
 
     def _chain_root(self, st: _MicroState, k: int) -> None:
         pair = st.y_pairs.pop(k, None)
@@ -804,14 +884,16 @@ class EBTStage:
         adjoints: List[torch.Tensor] = []
         if not info.is_last:
             _, ctx_shape, _ = self._shapes(micro)
-            adjoints = self.transport.recv([ctx_shape], self.dtype, self.device, info.stage + 1, info.stage)
+            adjoints = self._recv([ctx_shape])
         self._flush(st)
         if ctx.grad:
             self._context_backward(st, ctx, adjoints)
         if not info.is_first:
-            self.transport.send([self._grad_or_zeros(ctx.h_in)], info.stage, info.stage - 1)
+            self._send([self._grad_or_zeros(ctx.h_in)], -1)
 
     def run_task(self, task: Task) -> None:
+        self._send_tag = message_tag(task)
+        self._source_task = _source(task, self.info.num_stages)
         if task.kind == "F":
             self.forward(task.micro, task.step)
         elif task.kind == "B":
@@ -861,7 +943,11 @@ class EBTPipeline:
 
     def __init__(self, model: EnergyTransformer, dims: Optional[ParallelDims], thinking: ThinkingConfig,
                  num_microbatches: int, *, transport: Optional[Transport] = None,
-                 backprop: BackpropFn = _plain_backprop, loss_fn: Optional[LossFn] = None) -> None:
+                 backprop: BackpropFn = _plain_backprop, loss_fn: Optional[LossFn] = None,
+                 schedule: str = "interleaved") -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule: {schedule!r} is not one of {tuple(SCHEDULES)}")
+        self.schedule = schedule
         if getattr(model, "pipeline_stage", None) is None:
             split_stages(model, 1, 0)  # pp=1: the whole model is the one stage
         self.num_microbatches = num_microbatches
@@ -883,7 +969,7 @@ class EBTPipeline:
         """One optimizer step's micro-batches. With `replay` (stage 0's buffer, S2) each
         micro-batch's fresh rows and final candidates are added unless the step is non-finite."""
         result = run_pipeline([self.stage], self.transport, micro_batches, self.num_microbatches, loss_scale,
-                              plan_fn=self._plan, keep=self)
+                              plan_fn=self._plan, keep=self, schedule=self.schedule)
         if replay is not None and self.stage.info.is_first and self.stage.cfg.replay_size > 0 and not bool(result.nonfinite):
             for mb, final in zip(micro_batches, result.final_logits):
                 replay.add(mb.input_ids[:mb.fresh_rows], final[:mb.fresh_rows])
@@ -891,7 +977,7 @@ class EBTPipeline:
 
 
 def run_pipeline(stages: Sequence[EBTStage], transport: Transport, micro_batches, num_microbatches: int,
-                 loss_scale: Optional[float], plan_fn=None, keep=None) -> PipelineResult:
+                 loss_scale: Optional[float], plan_fn=None, keep=None, schedule: str = "interleaved") -> PipelineResult:
     """Drives `stages` (this process's one stage, or every stage of a one-process simulation)
     through the schedule."""
     scale = 1.0 / num_microbatches if loss_scale is None else loss_scale
@@ -905,7 +991,7 @@ def run_pipeline(stages: Sequence[EBTStage], transport: Transport, micro_batches
     ref = stages[0]
     num_stages = ref.info.num_stages
     make_graph = [[ref.make_graph(m, k) for k in range(int(plan[m, 2]))] for m in range(len(plan))]
-    tasks = gpipe_schedule(num_stages, [int(v) for v in plan[:, 2]], make_graph, ref.shared_context)
+    tasks = SCHEDULES[schedule](num_stages, [int(v) for v in plan[:, 2]], make_graph, ref.shared_context)
     if keep is not None:
         keep.last_schedule = tasks
     phase: Dict[str, float] = defaultdict(float)
@@ -947,12 +1033,12 @@ def run_pipeline(stages: Sequence[EBTStage], transport: Transport, micro_batches
 
 def simulate_pipeline(models: Sequence[EnergyTransformer], thinking: ThinkingConfig,
                       micro_batches: Sequence[MicroBatch], loss_scale: Optional[float] = None,
-                      loss_fn: Optional[LossFn] = None) -> PipelineResult:
+                      loss_fn: Optional[LossFn] = None, schedule: str = "interleaved") -> PipelineResult:
     """All stages in this process, exchanging messages through a LocalTransport: the same
     schedule and arithmetic as the distributed run. `models[s]` is a full model cut to stage s."""
     transport = LocalTransport()
     stages = [EBTStage(m, thinking, transport, loss_fn=loss_fn) for m in models]
-    return run_pipeline(stages, transport, micro_batches, len(micro_batches), loss_scale)
+    return run_pipeline(stages, transport, micro_batches, len(micro_batches), loss_scale, schedule=schedule)
 
 
 # -- Transformer++: ordinary GPipe ------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class Case:
     """`loss` (the training loss, 3 optimizer steps) or `grad_sq` (||dE/dp||^2 after one step:
     its parameter gradient is purely second order)."""
     activation_checkpointing: str = "none"
+    schedule: str = "interleaved"
 
     @property
     def tol(self) -> float:
@@ -71,7 +72,8 @@ class Case:
     def label(self) -> str:
         return (f"pp={self.pp} tp={self.tp} dp={self.dp} zero={self.zero_stage} {self.recipe} {self.ebt_type} "
                 f"micro={self.micro_batches}{' replay' if self.replay else ''} {self.dtype} {self.objective}"
-                f"{' ac=' + self.activation_checkpointing if self.activation_checkpointing != 'none' else ''}")
+                f"{' ac=' + self.activation_checkpointing if self.activation_checkpointing != 'none' else ''}"
+                f" {self.schedule}")
 
 
 @dataclass
@@ -122,7 +124,8 @@ def pipeline_parity(case: Case) -> Report:
                                 activation_checkpointing=case.activation_checkpointing)
     pm = parallelize(model, dims, settings, adamw, clip=1.0)
     loss_fn = _grad_sq(dims.tp_group if case.tp > 1 else None) if case.objective == "grad_sq" else None
-    pipe = EBTPipeline(pm.module, dims, thinking, case.micro_batches, backprop=pm.pipeline_backprop, loss_fn=loss_fn)
+    pipe = EBTPipeline(pm.module, dims, thinking, case.micro_batches, backprop=pm.pipeline_backprop, loss_fn=loss_fn,
+                       schedule=case.schedule)
     report = Report()
     rows_per_rank = BATCH // case.dp
     per_micro = rows_per_rank // case.micro_batches

@@ -13,8 +13,8 @@ import torch
 import parallel.pipeline as pipeline
 from parallel.dims import LayoutError
 from parallel.pipeline import (
-    EBTPipeline, Task, _source, draw_microbatch, gpipe_schedule, parameter_stage, schedule_bubble,
-    schedule_table, simulate_pipeline, split_stages, stage_layer_ranges, validate_pipeline,
+    EBTPipeline, Task, _dependencies, draw_microbatch, gpipe_schedule, interleaved_schedule, parameter_stage,
+    schedule_bubble, schedule_table, simulate_pipeline, split_stages, stage_layer_ranges, validate_pipeline,
 )
 from pretrain.model import build_model
 from pretrain.thinking import ReplayBuffer, ThinkingConfig, unroll
@@ -31,7 +31,7 @@ def _recipe(name: str, learn: bool = False, wrt: str = "probs", replay: bool = F
         replay_size=8 if replay else 0, replay_fraction=0.5 if replay else 0.0)
 
 
-def _compare(ebt_type, name, pp, micro, seeds, learn=False, wrt="probs", replay=False):
+def _compare(ebt_type, name, pp, micro, seeds, learn=False, wrt="probs", replay=False, schedule="interleaved"):
     """Worst relative difference, pipeline simulation vs unroll (one per micro-batch)."""
     overrides, thinking = _recipe(name, learn, wrt, replay)
     cfg = dict(TINY, ebt_type=ebt_type, **overrides)
@@ -54,7 +54,7 @@ def _compare(ebt_type, name, pp, micro, seeds, learn=False, wrt="probs", replay=
         refs.append(unroll(ref, part, thinking, generator=torch.Generator().manual_seed(seeds[m]), loss_scale=1 / micro,
                            replay=buffers[0]))
         mbs.append(draw_microbatch(stages[0], part, thinking, torch.Generator().manual_seed(seeds[m]), replay=buffers[1]))
-    got = simulate_pipeline(stages, thinking, mbs)
+    got = simulate_pipeline(stages, thinking, mbs, schedule=schedule)
     worst = {}
 
     def rel(key, a, b):
@@ -89,6 +89,8 @@ CASES = [
     ("adaln", "s2", 4, 2, [10, 11], {"wrt": "logits"}),
     ("default", "s2", 2, 1, [3], {"replay": True}),
     ("adaln", "s1", 1, 2, [10, 11], {}),
+    ("default", "s1", 3, 2, [10, 11], {"schedule": "gpipe"}),
+    ("time_embed", "s2", 2, 2, [5, 6], {"schedule": "gpipe"}),
 ]
 
 
@@ -145,15 +147,22 @@ def test_stage_split_and_its_errors():
     assert info.is_last and {n for n, _ in model.named_parameters()} == {n for n, s in stages.items() if s == 1}
 
 
-def test_schedule_is_a_valid_order_and_fills_the_pipeline():
-    for p, m in ((2, 1), (2, 4), (4, 8)):
-        tasks = gpipe_schedule(p, [2] * m, [[True, True]] * m, shared_context=True)
+@pytest.mark.parametrize("schedule", [gpipe_schedule, interleaved_schedule])
+def test_schedule_is_a_valid_order_and_fills_the_pipeline(schedule):
+    for p, m, steps, graph, shared in ((2, 1, [2], [[True, True]], True), (2, 4, [2, 3, 2, 3], None, False),
+                                       (4, 8, [2] * 8, None, True)):
+        graph = graph or [[k == n - 1 for k in range(n)] for n in steps]
+        tasks = schedule(p, steps, graph, shared)
+        assert sorted(tasks, key=str) == sorted(gpipe_schedule(p, steps, graph, shared), key=str)
         position = {t: i for i, t in enumerate(tasks)}
-        for t in tasks:  # every message is sent before it is received: no deadlock
-            src = _source(t, p)
-            assert src is None or position[src] < position[t]
+        for t in tasks:  # everything a task needs comes earlier in the order: no deadlock
+            for dep in _dependencies(t, p, steps, graph, shared):
+                assert position[dep] < position[t], (t, dep)
         # More micro-batches, smaller bubble, as GPipe's (p-1)/(m+p-1) predicts.
-        assert schedule_bubble(tasks, p) <= schedule_bubble(gpipe_schedule(p, [2], [[True, True]], True), p) + 1e-9
+        assert schedule_bubble(tasks, p) <= schedule_bubble(schedule(p, steps[:1], graph[:1], shared), p) + 1e-9
+    p, m = 4, 4
+    plain = gpipe_schedule(p, [2] * m, [[True, True]] * m, True)
+    assert schedule_bubble(interleaved_schedule(p, [2] * m, [[True, True]] * m, True), p) < 0.5 * schedule_bubble(plain, p)
     table = schedule_table(gpipe_schedule(2, [1, 1], [[True], [True]], True), 2)
     assert table.splitlines()[2].startswith("| 0 | F0.0 | F1.0 | . |") and "OD0.0" in table
     assert Task("F", 1, 0, 0).label() == "F0.0"
