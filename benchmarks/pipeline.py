@@ -132,6 +132,73 @@ def cost_part(args) -> None:
         print(f"| pp={pp} | {med(rel_fwd):.2f} | {med(rel_out):.2f} | {med(rel_tot):.2f} | {med(rel_unroll):.2f} |")
 
 
+class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts 2*m*n*k for every (batched) matrix product that runs, backward ones included.
+    (torch.utils.flop_counter's module tracker refuses autograd.grad inside its scope.)"""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.OPS:
+            a, b = (args[1], args[2]) if func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else args[:2]
+            batch = a.shape[0] if a.dim() == 3 else 1
+            self.flops += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        return out
+
+    def get_total_flops(self) -> int:
+        return self.flops
+
+
+def flops_part(args) -> None:
+    """Matmul FLOPs per task kind: deterministic, unlike time."""
+    import parallel.pipeline as pipeline
+
+    thinking = ThinkingConfig(num_steps=2)
+    cfg = model_cfg(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    with MatmulFlops() as counter:
+        unroll(ref, ids, thinking, generator=torch.Generator().manual_seed(0))
+    unroll_flops = counter.get_total_flops()
+    original = pipeline.EBTStage.run_task
+    rows = {}
+    for pp in (1, 2, 4):
+        per_kind: Dict[str, int] = {}
+
+        def counted(self, task, per_kind=per_kind):
+            with MatmulFlops() as c:
+                original(self, task)
+            per_kind[task.kind] = per_kind.get(task.kind, 0) + c.get_total_flops()
+
+        stages = []
+        for s in range(pp):
+            torch.manual_seed(0)
+            stages.append(build_model(cfg))
+            split_stages(stages[-1], pp, s)
+        pipeline.EBTStage.run_task = counted
+        try:
+            simulate_pipeline(stages, thinking, _micro_batches(stages[0], ids, thinking, 1))
+        finally:
+            pipeline.EBTStage.run_task = original
+        rows[pp] = per_kind
+    print(f"\nMatmul FLOPs of one step relative to pp=1 (same model; thinking = F+B, outer = OD+OU+CU); "
+          f"single-process unroll = {unroll_flops / 1e9:.3f} GFLOP:\n")
+    print("| layout | thinking F+B | outer backward | whole step | whole step / unroll |")
+    print("|---|---|---|---|---|")
+    fwd = lambda x: x.get("F", 0) + x.get("B", 0)  # noqa: E731
+    out = lambda x: sum(x.get(k, 0) for k in OUTER)  # noqa: E731
+    for pp, row in rows.items():
+        print(f"| pp={pp} | {fwd(row) / fwd(rows[1]):.3f} | {out(row) / out(rows[1]):.3f} | "
+              f"{sum(row.values()) / sum(rows[1].values()):.3f} | {sum(row.values()) / unroll_flops:.3f} |")
+
+
 # -- part 2: the distributed pipeline -------------------------------------------------------------------
 def _rank_main(args_dict: dict, pp: int, out_file: str) -> None:
     args = argparse.Namespace(**args_dict)
@@ -216,6 +283,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.part in ("cost", "both"):
+        flops_part(args)
         cost_part(args)
     if args.part in ("pipeline", "both"):
         pipeline_part(args)
