@@ -291,17 +291,19 @@ def _explicit(items: Sequence[str], key: str) -> bool:
 def plan_launch(backend: str, config: Optional[str], overrides: Sequence[str] = ()) -> LaunchPlan:
     """Loads and validates everything a launch needs, without touching the disk or a scheduler.
 
-    The data-parallel degree follows the layout: `parallel.dp = world_size / parallel.tp`
-    unless the run config sets it (then tp x dp must equal the world size)."""
+    The data-parallel degree follows the layout: `parallel.dp = world_size / (parallel.tp x
+    parallel.pp)` unless the run config sets it (then tp x dp x pp must equal the world size)."""
     lc, cli_run_items = load_launch_config(config, overrides)
     lc.validate(backend)
     experiment = str(resolve_config_path(lc.experiment).resolve())
     run_items = [*lc.overrides, *cli_run_items]
     probe = load_config([experiment], run_items)
     world, tp, ppn = lc.world_size, probe.parallel.tp, lc.num_procs_per_node
-    if world % tp:
+    pp = probe.parallel.pp
+    if world % (tp * pp):
         raise LaunchError(
-            f"parallel.tp={tp} does not divide the world size {world} (nodes={lc.nodes} x procs_per_node={ppn})"
+            f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size {world} "
+            f"(nodes={lc.nodes} x procs_per_node={ppn})"
         )
     if tp > 1 and ppn % tp:
         raise LaunchError(
@@ -309,13 +311,14 @@ def plan_launch(backend: str, config: Optional[str], overrides: Sequence[str] = 
         )
     extra: List[str] = []
     if _explicit(run_items, "parallel.dp") or _explicit(lc.overrides, "parallel.dp"):
-        if tp * probe.parallel.dp != world:
+        if tp * probe.parallel.dp * pp != world:
             raise LaunchError(
-                f"parallel.tp={tp} x parallel.dp={probe.parallel.dp} = {tp * probe.parallel.dp} processes, but the "
-                f"layout launches {world} (nodes={lc.nodes} x procs_per_node={ppn}); drop parallel.dp to derive it"
+                f"parallel.tp={tp} x parallel.dp={probe.parallel.dp} x parallel.pp={pp} = "
+                f"{tp * probe.parallel.dp * pp} processes, but the layout launches {world} (nodes={lc.nodes} x "
+                f"procs_per_node={ppn}); drop parallel.dp to derive it"
             )
-    elif probe.parallel.dp != world // tp:
-        extra.append(f"parallel.dp={world // tp}")
+    elif probe.parallel.dp != world // (tp * pp):
+        extra.append(f"parallel.dp={world // (tp * pp)}")
     run_dir = lc.run_dir or probe.run_dir
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     items = [i for i in run_items if not i.startswith("run_dir=")] + extra + [f"run_dir={run_dir}"]

@@ -50,8 +50,14 @@ def setup(cfg: RunConfig, device: torch.device):
     layout = cfg.parallel.world_size
     if world != layout:
         raise ConfigError(
-            f"parallel.tp x parallel.dp = {cfg.parallel.tp} x {cfg.parallel.dp} = {layout} but WORLD_SIZE={world}: "
-            f"launch {layout} processes (torchrun --nproc-per-node {layout}) or change parallel.dp"
+            f"parallel.tp x parallel.dp x parallel.pp = {cfg.parallel.tp} x {cfg.parallel.dp} x {cfg.parallel.pp} = "
+            f"{layout} but WORLD_SIZE={world}: launch {layout} processes (torchrun --nproc-per-node {layout}) or "
+            f"change parallel.dp"
+        )
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: the trainer does not drive pipeline stages yet (the pipeline itself is "
+            f"parallel/pipeline.py, see docs/parallel.md); use parallel.pp=1"
         )
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
