@@ -20,10 +20,10 @@ EXIT_USAGE = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.cli import add_data_subcommand
-    from launchers.cli import add_launch_subcommand
+    from launchers.cli import add_launch_subcommand, add_sweep_subcommand
     from pretrain.cli import add_pretrain_subcommands
     from pretrain.inference_cli import add_inference_subcommands
-    from pretrain.research_cli import add_eval_subcommand, add_sweep_subcommand
+    from pretrain.research_cli import add_eval_subcommand
 
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformer pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

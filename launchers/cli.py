@@ -47,3 +47,29 @@ def add_launch_subcommand(subparsers: "argparse._SubParsersAction") -> argparse.
     p.add_argument("--dry-run", action="store_true", help="print the exact command/script and submit nothing")
     p.set_defaults(func=cmd_launch)
     return p
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep, summarize_sweep
+
+    sweep = load_sweep(args.sweep)
+    if not args.summary_only:
+        run_sweep(sweep, dry_run=args.dry_run)
+    if not args.dry_run:
+        summarize_sweep(sweep)
+    return 0
+
+
+def add_sweep_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sweep", help="a scaling study: a grid of runs and power-law fits of loss vs N, C, D",
+        description="Trains (or submits via Slurm/Ray) every unfinished run of SWEEP.yaml's grid (sizes x token "
+        "budgets x families), skipping finished ones, then fits power laws of validation loss against non-embedding "
+        "parameters, training FLOPs and tokens per family, prints the exponents and the EBT/Transformer++ "
+        "scaling-rate ratio with its uncertainty, and writes summary.json and scaling.png into out_dir.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; train nothing")
+    p.add_argument("--summary-only", action="store_true", help="fit and plot the finished runs; train nothing")
+    p.set_defaults(func=cmd_sweep)
+    return p

@@ -292,17 +292,19 @@ def _explicit(items: Sequence[str], key: str) -> bool:
 def plan_launch(backend: str, config: Optional[str], overrides: Sequence[str] = ()) -> LaunchPlan:
     """Loads and validates everything a launch needs, without touching the disk or a scheduler.
 
-    The data-parallel degree follows the layout: `parallel.dp = world_size / parallel.tp`
-    unless the run config sets it (then tp x dp must equal the world size)."""
+    The data-parallel degree follows the layout: `parallel.dp = world_size / (parallel.tp x
+    parallel.pp)` unless the run config sets it (then tp x dp x pp must equal the world size)."""
     lc, cli_run_items = load_launch_config(config, overrides)
     lc.validate(backend)
     experiment = str(resolve_config_path(lc.experiment).resolve())
     run_items = [*lc.overrides, *cli_run_items]
     probe = load_config([experiment], run_items)
     world, tp, ppn = lc.world_size, probe.parallel.tp, lc.num_procs_per_node
-    if world % tp:
+    pp = probe.parallel.pp
+    if world % (tp * pp):
         raise LaunchError(
-            f"parallel.tp={tp} does not divide the world size {world} (nodes={lc.nodes} x procs_per_node={ppn})"
+            f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size {world} "
+            f"(nodes={lc.nodes} x procs_per_node={ppn})"
         )
     if tp > 1 and ppn % tp:
         raise LaunchError(
@@ -313,12 +315,12 @@ def plan_launch(backend: str, config: Optional[str], overrides: Sequence[str] = 
         from parallel.dims import LayoutError, validate_layout
 
         try:
-            validate_layout(tp, probe.parallel.dp, 1, world)
+            validate_layout(tp, probe.parallel.dp, pp, world)
         except LayoutError as err:
             raise LaunchError(f"{err} (the launch has nodes={lc.nodes} x procs_per_node={ppn}; drop parallel.dp "
                               "to derive it)") from None
-    elif probe.parallel.dp != world // tp:
-        extra.append(f"parallel.dp={world // tp}")
+    elif probe.parallel.dp != world // (tp * pp):
+        extra.append(f"parallel.dp={world // (tp * pp)}")
     run_dir = lc.run_dir or probe.run_dir
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     items = [i for i in run_items if not i.startswith("run_dir=")] + extra + [f"run_dir={run_dir}"]

@@ -5,6 +5,7 @@ Order, on one screen:
   1. tensor parallelism  (parallel.tensor: slice weights, vocab-parallel candidate ops)
   2. activation checkpointing  (parallel.checkpointing: non-reentrant, block or step)
   3. (compile: not applied; see docs/parallel.md)
+  3b. pipeline stages (parallel.pipeline.split_stages, pp > 1): keep this stage's modules
   4. data parallelism: the optimizer is built on the final parameters, then either the
      flat-bucket gradient all-reduce (zero_stage 0) or a DeepSpeed ZeRO-1/2 engine.
 
@@ -33,6 +34,7 @@ import torch.nn as nn
 from .checkpointing import apply_activation_checkpointing
 from .dims import ParallelDims, single_process_dims
 from .grads import DataParallelGrads, broadcast_parameters, clip_grad_norm_
+from .pipeline import split_stages
 from .tensor import tensor_parallelize
 from .zero import build_zero_engine, check_zero_stage
 
@@ -47,6 +49,9 @@ class ParallelSettings:
     dp: int = 1
     zero_stage: int = 0
     activation_checkpointing: str = "none"
+    pp: int = 1
+    pp_layers: Optional[List[int]] = None
+    """Blocks per pipeline stage (None: balanced by layer count)."""
 
 
 def _as_scalar(tensors: Sequence[torch.Tensor], grads: Optional[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -88,8 +93,7 @@ class ParallelModel:
             if self.engine is None:
                 torch.autograd.backward(tensors, None if grads is None else list(grads))
                 if final:
-                    self.grads.all_reduce()
-                    self.num_syncs += 1
+                    self.sync_gradients()
                 return
             # ZeRO: DeepSpeed's coalescing block spans the optimizer step's backwards; its
             # hooks leave gradients local inside it, and closing it reduces once.
@@ -98,11 +102,31 @@ class ParallelModel:
                 self._coalescing.enter_context(self.engine.coalesce_grad_reduction())
             self.engine.backward(_as_scalar(tensors, grads), scale_wrt_gas=False)
             if final:
-                self._coalescing.close()
-                self._coalescing = None
-                self.num_syncs += 1
+                self.sync_gradients()
 
         return run
+
+    def pipeline_backprop(self, tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        """One backward of the pipeline's outer pass (parallel.pipeline): the graph is retained
+        (a step's forward graph is reached again by a later root) and nothing is synchronised;
+        call `sync_gradients` after the optimizer step's last micro-batch."""
+        if self.engine is None:
+            torch.autograd.backward(list(tensors), list(grads), retain_graph=True)
+            return
+        if self._coalescing is None:
+            self._coalescing = contextlib.ExitStack()
+            self._coalescing.enter_context(self.engine.coalesce_grad_reduction())
+        self.engine.backward(_as_scalar(tensors, grads), retain_graph=True, scale_wrt_gas=False)
+
+    def sync_gradients(self) -> None:
+        """The optimizer step's one gradient communication over dp (all-reduce, or closing
+        ZeRO's coalescing block)."""
+        if self.engine is None:
+            self.grads.all_reduce()
+        elif self._coalescing is not None:
+            self._coalescing.close()
+            self._coalescing = None
+        self.num_syncs += 1
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """One scalar-loss backward (a Transformer++ micro-batch, or an unroll without per-step backward)."""
@@ -207,8 +231,12 @@ def parallelize(
     check_zero_stage(stage)
     if (settings.tp, settings.dp) != (dims.tp, dims.dp):
         raise ValueError(f"parallel settings tp={settings.tp}, dp={settings.dp} differ from the process groups ({dims.describe()})")
+    if int(getattr(settings, "pp", 1)) != dims.pp:
+        raise ValueError(f"parallel settings pp={settings.pp} differ from the process groups ({dims.describe()})")
     tensor_parallelize(model, dims)
     apply_activation_checkpointing(model, getattr(settings, "activation_checkpointing", "none"))
+    if dims.pp > 1:
+        split_stages(model, dims.pp, dims.pp_rank, getattr(settings, "pp_layers", None))
     optimizer = build_optimizer(model)
     if stage == 0:
         broadcast_parameters(model, dims)

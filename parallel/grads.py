@@ -98,14 +98,18 @@ def clip_grad_norm_(model: nn.Module, max_norm: Optional[float], dims: ParallelD
     """Global gradient norm of the full (unsharded) model, and clipping by it, on every rank.
 
     Sharded gradients' squares are summed over tp; replicated ones (norms, alpha, energy
-    head) are identical on every tp rank and counted once. Call after the dp all-reduce.
+    head) are identical on every tp rank and counted once; pipeline stages' sums add up. Call after the dp all-reduce.
     Returns the norm before clipping, in the gradients' dtype."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     is_tp = dims.tp > 1
     sharded, replicated = grad_norm_sq_parts(named if is_tp else [("", p) for _, p in named])
     if is_tp:
         dist.all_reduce(sharded, group=dims.tp_group)
-    norm = torch.sqrt(sharded + replicated)
+    total = sharded + replicated
+    if dims.pp > 1:
+        # Pipeline stages hold disjoint parameters: their squares add up.
+        dist.all_reduce(total, group=dims.pp_group)
+    norm = torch.sqrt(total)
     if max_norm is not None and max_norm > 0 and math.isfinite(float(norm)):
         coef = min(1.0, max_norm / (float(norm) + 1e-6))
         if coef < 1.0:

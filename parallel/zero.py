@@ -65,7 +65,9 @@ class _DeepSpeedMPU:
         return self.dims.tp
 
     def get_model_parallel_group(self):
-        return self.dims.tp_group
+        # Megatron's model-parallel group (tp x pp): ZeRO sums the gradient norm over it, and
+        # counts a parameter not marked tensor-parallel only on tp rank 0 of each stage.
+        return self.dims.model_parallel_group if self.dims.pp > 1 else self.dims.tp_group
 
     def get_data_parallel_rank(self) -> int:
         return self.dims.dp_rank
@@ -76,10 +78,15 @@ class _DeepSpeedMPU:
     def get_data_parallel_group(self):
         return self.dims.dp_group
 
+    def get_tensor_model_parallel_group(self):
+        return self.dims.tp_group
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.dims.pp
+
     # Newer DeepSpeed spells these with "tensor".
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
 
 
 def deepspeed_config(stage: int, clip: Optional[float], bucket_elements: int = 2**25) -> Dict[str, Any]:
@@ -131,7 +138,7 @@ def build_zero_engine(
             model=model,
             optimizer=optimizer,
             config=deepspeed_config(stage, clip),
-            mpu=_DeepSpeedMPU(dims) if dims.tp > 1 else None,
+            mpu=_DeepSpeedMPU(dims) if dims.tp > 1 or dims.pp > 1 else None,
             dist_init_required=False,
         )
     finally:

@@ -43,6 +43,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")  # train.wandb (pretrain.sinks)
 ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
+PP_SCHEDULES = ("interleaved", "gpipe")  # parallel.pipeline.SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -167,9 +168,18 @@ class ParallelConfig:
     activation_checkpointing: str = "none"
     """Non-reentrant activation checkpointing: `none`, `block`, `step`, or `block_vjp` (blocks and
     their vector-Jacobian products: the most memory saved)."""
+    pp: int = 1
+    """Pipeline stages (parallel/pipeline.py): contiguous blocks per stage, embeddings and W_v2e on
+    the first, final norm and energy head on the last. tp x dp x pp processes in all."""
+    pp_microbatches: int = 1
+    """Micro-batches a pipeline step splits each rank's micro-batch into (must divide it)."""
+    pp_layers: Optional[List[int]] = None
+    """Blocks per pipeline stage, e.g. [3, 5]; null balances them by layer count."""
+    pp_schedule: str = "interleaved"
+    """`interleaved` (micro-batches overlap across thinking steps) or `gpipe` (fill/drain per phase)."""
 
     def __post_init__(self) -> None:
-        for key in ("tp", "dp"):
+        for key in ("tp", "dp", "pp", "pp_microbatches"):
             value = getattr(self, key)
             if value < 1:
                 raise _bad("parallel", key, f"must be >= 1, got {value}")
@@ -185,6 +195,8 @@ class ParallelConfig:
                 "activation_checkpointing",
                 f"{self.activation_checkpointing!r} is not one of {ACTIVATION_CHECKPOINTING}",
             )
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise _bad("parallel", "pp_schedule", f"{self.pp_schedule!r} is not one of {PP_SCHEDULES}")
 
 
 @dataclass
@@ -218,6 +230,17 @@ class RunConfig:
                 f"{tr.micro_batch_size} x grad_accum {tr.grad_accum} x dp {self.parallel.dp} != "
                 f"train.global_batch_size {tr.global_batch_size}; set it to {tr.global_batch_size // ranks} or null",
             )
+        par = self.parallel
+        if par.pp > 1 or par.pp_microbatches > 1:
+            from parallel.pipeline import validate_pipeline
+
+            try:
+                validate_pipeline(par.pp, self.model.num_layers, par.pp_microbatches, self.micro_batch_size,
+                                  layers_per_stage=par.pp_layers,
+                                  options={"model.attention": self.model.attention,
+                                           "parallel.activation_checkpointing": par.activation_checkpointing})
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.data.seq_len > self.model.max_seq_len:
             raise _bad(
                 "model",

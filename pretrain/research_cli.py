@@ -1,6 +1,6 @@
-"""The research subcommands of `ebt` (registered by ebt.cli): `eval` (pretrain/evaluate.py:
-the System-2 curve, best-of-G, early stop, OOD sets) and `sweep` (pretrain/sweep.py: scaling
-studies). Registration imports nothing heavy; each command imports its module when it runs.
+"""`ebt eval` (registered by ebt.cli; pretrain/evaluate.py: the System-2 curve, best-of-G,
+early stop, OOD sets). Registration imports nothing heavy; the command imports its module
+when it runs. (`ebt sweep` lives in launchers/: it submits runs through the launchers.)
 """
 from __future__ import annotations
 
@@ -54,30 +54,4 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--twin", default=None, metavar="RUN_OR_EXPORT", help="the Transformer++ twin to compare with")
     p.add_argument("--out", default=None, help="output folder (default: RUN_OR_EXPORT/eval)")
     p.set_defaults(func=cmd_eval)
-    return p
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import load_sweep, run_sweep, summarize_sweep
-
-    sweep = load_sweep(args.sweep)
-    if not args.summary_only:
-        run_sweep(sweep, dry_run=args.dry_run)
-    if not args.dry_run:
-        summarize_sweep(sweep)
-    return 0
-
-
-def add_sweep_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "sweep", help="a scaling study: a grid of runs and power-law fits of loss vs N, C, D",
-        description="Trains (or submits via Slurm/Ray) every unfinished run of SWEEP.yaml's grid (sizes x token "
-        "budgets x families), skipping finished ones, then fits power laws of validation loss against non-embedding "
-        "parameters, training FLOPs and tokens per family, prints the exponents and the EBT/Transformer++ "
-        "scaling-rate ratio with its uncertainty, and writes summary.json and scaling.png into out_dir.",
-    )
-    p.add_argument("sweep", metavar="SWEEP.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted; train nothing")
-    p.add_argument("--summary-only", action="store_true", help="fit and plot the finished runs; train nothing")
-    p.set_defaults(func=cmd_sweep)
     return p

@@ -20,10 +20,10 @@ from pretrain.thinking import unroll
 
 
 def test_layout_errors_name_the_degrees():
-    with pytest.raises(LayoutError, match=r"parallel.tp=2 x parallel.dp=2 x pp=1 = 4 processes, but 2"):
+    with pytest.raises(LayoutError, match=r"parallel.tp=2 x parallel.dp=2 x parallel.pp=1 = 4 processes, but 2"):
         validate_layout(2, 2, 1, 2)
-    with pytest.raises(LayoutError, match="pipeline"):
-        validate_layout(1, 1, 2, 2)
+    with pytest.raises(LayoutError, match=r"parallel.pp=2 = 2 processes, but 4"):
+        validate_layout(1, 1, 2, 4)
     with pytest.raises(LayoutError, match="parallel.tp=2"):
         build_dims(tp=2, dp=1)  # a world of one process
     dims = build_dims()

@@ -111,6 +111,11 @@ def test_wrong_type_names_key_and_value(override: str, expected: str):
         (["parallel.zero_stage=3", "parallel.dp=2"], "parallel.zero_stage: 3 is not one of 0, 1, 2 (ZeRO-3 releases"),
         (["parallel.zero_stage=1"], "parallel.zero_stage: 1 needs parallel.dp > 1"),
         (["parallel.activation_checkpointing=full"], "parallel.activation_checkpointing"),
+        (["parallel.pp=64"], "parallel.pp=64 exceeds model.num_layers"),
+        (["parallel.pp=2", "parallel.pp_microbatches=3"], "parallel.pp_microbatches=3 does not divide"),
+        (["parallel.pp=2", "parallel.activation_checkpointing=step"], "parallel.activation_checkpointing='step' is not supported"),
+        (["parallel.pp=2", "parallel.pp_layers=[1]"], "parallel.pp_layers=[1]"),
+        (["parallel.pp_schedule=1f1b"], "parallel.pp_schedule"),
     ],
 )
 def test_cross_field_and_range_checks_say_what_to_change(overrides, expected):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ebt.cli import main as ebt_main
-from pretrain.sweep import fit_power_law, load_sweep, rate_ratio
+from launchers.sweep import fit_power_law, load_sweep, rate_ratio
 
 REPO = Path(__file__).resolve().parents[2]
 

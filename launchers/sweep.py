@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ConfigError
+from pretrain.config import ConfigError
 
 SWEEP_KEYS = ("out_dir", "experiment", "overrides", "families", "sizes", "tokens", "launcher", "bootstrap")
 LAUNCHER_KEYS = ("backend", "config", "overrides")
@@ -93,7 +93,7 @@ def load_sweep(path: str | Path) -> Sweep:
     anything trains. Errors are one-line SweepErrors naming the key."""
     import yaml
 
-    from .config import load_config
+    from pretrain.config import load_config
 
     path = Path(path)
     if not path.is_file():
@@ -174,8 +174,8 @@ def run_summary(run: RunSpec) -> Optional[Dict[str, Any]]:
 def _train_local(run: RunSpec, experiment: str, log_dir: Path) -> None:
     """Trains one run in this process (a run folder with checkpoints resumes); its log lines go
     to log_dir/NAME.log. Ctrl-C stops it like `ebt pretrain` (the last checkpoint stays)."""
-    from .config import load_config
-    from .trainer import train
+    from pretrain.config import load_config
+    from pretrain.trainer import train
 
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{run.name}.log", "a") as out:
@@ -187,17 +187,17 @@ def _train_local(run: RunSpec, experiment: str, log_dir: Path) -> None:
 
 
 def _launch(run: RunSpec, sweep: Sweep, dry_run: bool) -> None:
-    from launchers.config import plan_launch
+    from .config import plan_launch
 
     # The run's experiment and overrides go to every rank; the launch config places the ranks.
     overrides = [f"experiment={sweep.experiment}", *sweep.launch_overrides, *run.overrides]
     plan = plan_launch(sweep.backend, sweep.launch_config, overrides)
     if sweep.backend == "slurm":
-        from launchers.slurm import launch_slurm
+        from .slurm import launch_slurm
 
         launch_slurm(plan, dry_run=dry_run)
     else:
-        from launchers.ray import launch_ray
+        from .ray import launch_ray
 
         if launch_ray(plan, dry_run=dry_run):
             raise SweepError(f"run {run.name}: the Ray launch failed")
@@ -227,10 +227,10 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, log=print) -> List[RunSpec
 # -- measuring the runs ----------------------------------------------------------------------
 def run_point(run: RunSpec) -> Dict[str, Any]:
     """N (non-embedding params), C (training FLOPs), D (tokens) and L (final val CE) of a finished run."""
-    from .checkpoint import read_metadata
-    from .export import resolve_checkpoint
-    from .flops import ebt_step_flops, transformer_pp_step_flops
-    from .model import ModelConfig
+    from pretrain.checkpoint import read_metadata
+    from pretrain.export import resolve_checkpoint
+    from pretrain.flops import ebt_step_flops, transformer_pp_step_flops
+    from pretrain.model import ModelConfig
 
     summary = run_summary(run)
     checkpoint = resolve_checkpoint(run.run_dir)
