@@ -178,3 +178,29 @@ def test_bad_bodies_and_headers_and_a_disconnecting_client(server):
     code, health = _raw(server, "GET", "/health")
     assert code == 200 and health["status"] == "ok"
     assert _client(server).completions.create(model="m", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_concurrency_limit_and_time_limit(export_dir):
+    limits = Limits(max_tokens=48, max_concurrent=1, request_timeout_s=0.5)
+    httpd = serve(load_export(export_dir), "127.0.0.1", 0, limits, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        # Streamed and slow to read: it holds the only slot while the second request arrives.
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = json.dumps({"prompt": "The", "max_tokens": 48, "stream": True, "thinking_steps": 8}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        code, out = _raw(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert code == 429 and "concurrency limit of 1" in out["error"]["message"]
+        reply = _read_all(sock)  # the time limit ends the stream cleanly, before 48 tokens
+        assert reply.rstrip().endswith("data: [DONE]")
+        usage = json.loads(reply.split("data: ")[-2])["usage"]
+        assert 0 < usage["completion_tokens"] < 48
+        time.sleep(0.2)  # the slot is freed once the handler returns
+        code, out = _raw(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert code == 200 and out["usage"]["completion_tokens"] == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
