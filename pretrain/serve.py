@@ -336,6 +336,9 @@ def make_handler(server: Server):
                                                      "finish_reason": _finish(c)}])
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                     self.wfile.flush()
+            for c in job.choices:  # an engine failure is reported, not passed off as a finished text
+                if c.finish and c.finish.startswith("error"):
+                    self.wfile.write(f"data: {json.dumps({'error': {'message': c.finish, 'code': 500}})}\n\n".encode())
             final = self._envelope(job_id, [])
             final["usage"] = _usage(job)
             self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
