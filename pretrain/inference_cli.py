@@ -42,11 +42,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .export import load_export
-    from .serve import serve
+    from .serve import Limits, serve
 
-    httpd = serve(load_export(args.export_dir), args.host, args.port)
+    limits = Limits(max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
+                    request_timeout_s=args.request_timeout)
+    httpd = serve(load_export(args.export_dir), args.host, args.port, limits)
     host, port = httpd.server_address[:2]
-    print(f"serve: listening on http://{host}:{port} (GET /health, POST /v1/generate)", flush=True)
+    print(f"serve: listening on http://{host}:{port} (GET /health, GET /v1/models, POST /v1/completions)",
+          flush=True)
     try:
         httpd.serve_forever()
     finally:
@@ -84,8 +87,14 @@ def add_inference_subcommands(sub) -> None:
                    "reference's full recompute (same tokens, slower)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="serve an export over HTTP (POST /v1/generate, GET /health)")
+    p = sub.add_parser("serve", help="serve an export over an OpenAI-compatible HTTP API (POST /v1/completions)",
+                       description="OpenAI-compatible completions (stream, n, best_of = best-of-G by energy) plus "
+                       "the EBT fields thinking_steps, step_size, early_stop_tol; see docs/serving.md.")
     p.add_argument("export_dir", metavar="EXPORT_DIR")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=32, help="requests generated at once (more get 429)")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds a request may run; then it ends with the tokens so far")
     p.set_defaults(func=cmd_serve)
