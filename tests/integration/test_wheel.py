@@ -71,6 +71,6 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
                  f"data.cache_dir={tmp_path / 'cache'}"], elsewhere, env)
     assert "done: run at step 2" in proc.stdout, proc.stdout
     assert "pretrain.trainer: step 2/2 |" in proc.stdout  # the progress line goes through logging
-    assert (elsewhere / "run" / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
+    assert (elsewhere / "run" / "checkpoints" / "step_00000002" / "metadata.json").is_file()
     assert (elsewhere / "run" / "metrics.jsonl").read_text().count("\n") == 2
     print(f"wheel build + venv + install: {installed:.0f} s")
