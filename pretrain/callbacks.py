@@ -15,7 +15,6 @@ collective under tensor parallelism).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import resource
@@ -364,7 +363,3 @@ def default_callbacks() -> List[Callback]:
     skipped step is already recorded)."""
     return [Progress(), JsonlSink(), TensorBoardSink(), WandbSinkCallback(), EnvJson(), Evaluation(), Checkpointing(),
             NonFiniteGuard()]
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

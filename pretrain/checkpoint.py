@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
