@@ -192,6 +192,35 @@ def split_stages(model: nn.Module, pp: int, stage: int, layers_per_stage: Option
     return info
 
 
+def gather_stage_states(model: nn.Module, dims: ParallelDims) -> Dict[str, torch.Tensor]:
+    """Every stage's state dict, on every rank of this pipeline (collective over the pp
+    group): the full-depth model as this tp rank holds it. For what must see the whole model
+    at once - evaluation, the checkpoint probe - not for the training step. Names and shapes
+    are exchanged once (cached on the model); the tensors are broadcast from their stage."""
+    local = model.state_dict()
+    if dims.pp == 1:
+        return {k: v.detach().clone() for k, v in local.items()}
+    catalogue = getattr(model, "_pipeline_catalogue", None)
+    if catalogue is None:
+        mine = [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in local.items()]
+        stages: List[Any] = [None] * dims.pp
+        dist.all_gather_object(stages, mine, group=dims.pp_group)
+        catalogue, seen = [], set()
+        for stage, entries in enumerate(stages):
+            for name, shape, dtype in entries:
+                if name not in seen:  # buffers every stage holds come from the first
+                    seen.add(name)
+                    catalogue.append((name, shape, getattr(torch, dtype), stage))
+        model._pipeline_catalogue = catalogue
+    device = next(iter(local.values())).device
+    out: Dict[str, torch.Tensor] = {}
+    for name, shape, dtype, stage in catalogue:
+        tensor = local[name].detach().clone() if stage == dims.pp_rank else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=dims.pp_ranks[stage], group=dims.pp_group)
+        out[name] = tensor
+    return out
+
+
 # -- point-to-point transport ------------------------------------------------------------------------
 Shape = Tuple[int, ...]
 
@@ -617,10 +646,16 @@ class EBTStage:
         return received.requires_grad_(make_graph)
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def begin(self, micro_batches: Optional[Sequence[MicroBatch]], plan: torch.Tensor, loss_scale: float) -> None:
+    def begin(self, micro_batches: Optional[Sequence[MicroBatch]], plan: torch.Tensor,
+              loss_scale: float | Sequence[float]) -> None:
+        """`loss_scale`: one factor for every micro-batch's loss, or one per micro-batch (the
+        trainer weights each by its share of the global rows)."""
         self.micro_batches = micro_batches
         self.plan = [tuple(int(v) for v in row) for row in plan.tolist()]
-        self.loss_scale = loss_scale
+        scales = [loss_scale] * len(self.plan) if isinstance(loss_scale, (int, float)) else list(loss_scale)
+        if len(scales) != len(self.plan):
+            raise ValueError(f"EBTStage: {len(scales)} loss scales for {len(self.plan)} micro-batches")
+        self.loss_scales = scales
         self.states = [_MicroState() for _ in self.plan]
         for m, st in enumerate(self.states):
             if self.info.is_first:
@@ -751,7 +786,7 @@ class EBTStage:
         if weight != 0.0:
             contribution = loss_k * weight
             st.total = contribution.detach() if st.total is None else st.total + contribution.detach()
-            st.loss_roots[k] = contribution * self.loss_scale
+            st.loss_roots[k] = contribution * self.loss_scales[micro]
 
     def backward(self, micro: int, k: int) -> None:
         """B: receive dE/dh_out, propagate through this stage's blocks (create_graph on graph
@@ -926,7 +961,7 @@ class EBTPipeline:
                 plan[m] = torch.tensor([mb.input_ids.shape[0], mb.input_ids.shape[1] - 1, mb.num_steps])
         return self.transport.broadcast_from_first(plan)
 
-    def run(self, micro_batches: Optional[Sequence[MicroBatch]], loss_scale: Optional[float] = None,
+    def run(self, micro_batches: Optional[Sequence[MicroBatch]], loss_scale: Optional[float | Sequence[float]] = None,
             replay: Optional[Any] = None) -> PipelineResult:
         """One optimizer step's micro-batches. With `replay` (stage 0's buffer, S2) each
         micro-batch's fresh rows and final candidates are added unless the step is non-finite."""
@@ -939,7 +974,7 @@ class EBTPipeline:
 
 
 def run_pipeline(stages: Sequence[EBTStage], transport: Transport, micro_batches, num_microbatches: int,
-                 loss_scale: Optional[float], plan_fn=None, keep=None, schedule: str = "interleaved") -> PipelineResult:
+                 loss_scale: Optional[float | Sequence[float]], plan_fn=None, keep=None, schedule: str = "interleaved") -> PipelineResult:
     """Drives `stages` (this process's one stage, or every stage of a one-process simulation)
     through the schedule."""
     scale = 1.0 / num_microbatches if loss_scale is None else loss_scale

@@ -8,8 +8,12 @@ and data cursor around it):
   model-tp{r}-of-{T}.safetensors     tp rank r's slice of every sharded parameter; tp rank 0
                                      also holds the replicated ones
   optim-tp{r}-of-{T}.safetensors     the same for AdamW's `<param>.exp_avg` / `.exp_avg_sq`
-Only dp rank 0 of each tp group writes: dp replicas are identical, and ZeRO's partitioned
-optimizer state is gathered over dp first (DeepSpeed's safe_get_full_optimizer_state).
+Under pipeline parallelism (pp > 1) every stage writes its own files,
+`model-pp{s}-of-{P}-tp{r}-of-{T}.safetensors` (and `optim-...`), holding the tensors of stage s
+(parallel.pipeline.parameter_stage); parallel.json then records `pp` and each tensor's stage.
+Only dp rank 0 of each (tp, pp) group writes: dp replicas are identical, and ZeRO's
+partitioned optimizer state is gathered over dp first (DeepSpeed's
+safe_get_full_optimizer_state).
 
 Loading assembles each full tensor from the tp pieces it was written as (`tp_shard_dim` is
 a function of the name) and cuts this rank's slice for the new layout. The model's full
@@ -36,12 +40,17 @@ LAYOUT_FILE = "parallel.json"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _model_file(tp_rank: int, tp: int) -> str:
-    return f"model-tp{tp_rank}-of-{tp}.safetensors"
+def _shard_name(kind: str, tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1) -> str:
+    stage = f"-pp{pp_rank}-of-{pp}" if pp > 1 else ""
+    return f"{kind}{stage}-tp{tp_rank}-of-{tp}.safetensors"
 
 
-def _optim_file(tp_rank: int, tp: int) -> str:
-    return f"optim-tp{tp_rank}-of-{tp}.safetensors"
+def _model_file(tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1) -> str:
+    return _shard_name("model", tp_rank, tp, pp_rank, pp)
+
+
+def _optim_file(tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1) -> str:
+    return _shard_name("optim", tp_rank, tp, pp_rank, pp)
 
 
 def _is_sharded(pm: ParallelModel, name: str) -> bool:
@@ -91,18 +100,25 @@ def save_sharded(pm: ParallelModel, folder: str | Path, extra: Optional[dict] = 
             key: value for key, value in optim.items()
             if _is_sharded(pm, key.rsplit(".", 1)[0]) or dims.tp_rank == 0
         }
-        save_file(model_out, str(folder / _model_file(dims.tp_rank, dims.tp)))
-        save_file(optim_out, str(folder / _optim_file(dims.tp_rank, dims.tp)))
-    if dims.rank == 0:
+        save_file(model_out, str(folder / _model_file(dims.tp_rank, dims.tp, dims.pp_rank, dims.pp)))
+        save_file(optim_out, str(folder / _optim_file(dims.tp_rank, dims.tp, dims.pp_rank, dims.pp)))
+    shapes = {}
+    for name, tensor in pm.module.state_dict().items():
+        shape = list(tensor.shape)
+        dim = tp_shard_dim(name) if _is_sharded(pm, name) else None
+        if dim is not None:
+            shape[dim] = full_width(name, pm.module.cfg)
+        shapes[name] = {"shape": shape, "tp_dim": dim, "pp_stage": dims.pp_rank}
+    if dims.pp > 1:  # rank 0 (stage 0) describes every stage's tensors: gather them over its pipeline
+        stages: list = [None] * dims.pp
+        dist.all_gather_object(stages, shapes, group=dims.pp_group)
         shapes = {}
-        for name, tensor in pm.module.state_dict().items():
-            shape = list(tensor.shape)
-            dim = tp_shard_dim(name) if _is_sharded(pm, name) else None
-            if dim is not None:
-                shape[dim] = full_width(name, pm.module.cfg)
-            shapes[name] = {"shape": shape, "tp_dim": dim}
-        layout = {"tp": dims.tp, "dp": dims.dp, "zero_stage": pm.zero_stage, "optimizer_step": _optimizer_step(pm),
-                  "tensors": shapes, "extra": extra or {}}
+        for part in stages:  # a buffer every stage holds (RoPE tables) is recorded at its first
+            for name, info in part.items():
+                shapes.setdefault(name, info)
+    if dims.rank == 0:
+        layout = {"tp": dims.tp, "dp": dims.dp, "pp": dims.pp, "zero_stage": pm.zero_stage,
+                  "optimizer_step": _optimizer_step(pm), "tensors": shapes, "extra": extra or {}}
         (folder / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
     if dist.is_initialized():
         dist.barrier()
@@ -113,8 +129,13 @@ def read_layout(folder: str | Path) -> dict:
 
 
 def _assemble(folder: Path, layout: dict, file_of, names) -> Dict[str, torch.Tensor]:
-    tp = layout["tp"]
-    pieces = [load_file(str(folder / file_of(r, tp))) for r in range(tp)]
+    tp, pp = layout["tp"], layout.get("pp", 1)
+    pieces = []
+    for r in range(tp):  # tp rank r's slice of every tensor, the stages' files merged
+        merged: Dict[str, torch.Tensor] = {}
+        for s in range(pp):
+            merged.update(load_file(str(folder / file_of(r, tp, s, pp))))
+        pieces.append(merged)
     full: Dict[str, torch.Tensor] = {}
     for key in names:
         name = key if key in layout["tensors"] else key.rsplit(".", 1)[0]

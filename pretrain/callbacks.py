@@ -185,12 +185,13 @@ class Progress(Callback):
             record["energy_first"] = float(stats.energy_first)
             record["energy_last"] = float(stats.energy_last)
             record["energy_gap"] = record["energy_first"] - record["energy_last"]
-            record["alpha"] = float(trainer.model.effective_step_size().detach())
+            if getattr(trainer.model, "step_size", None) is not None:  # pipeline: stage 0 holds alpha (rank 0 logs)
+                record["alpha"] = float(trainer.model.effective_step_size().detach())
         eta = (tc.max_steps - event.step) * (self.train_seconds / max(1, self.steps_this_run))
         line = (f"step {event.step}/{tc.max_steps} | loss {record['loss']:.4f}"
                 f" (first {record['loss_first']:.4f} last {record['loss_last']:.4f})")
         if "energy_gap" in record:
-            line += f" | E gap {record['energy_gap']:.3f} | alpha {record['alpha']:.3g}"
+            line += f" | E gap {record['energy_gap']:.3f}" + (f" | alpha {record['alpha']:.3g}" if "alpha" in record else "")
         line += (f" | lr {event.lr:.2e} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}%"
                  f" | mem {record['memory_gb']:.2f} GB | ETA {format_eta(eta)}")
         trainer.log(line)

@@ -231,6 +231,9 @@ class RunConfig:
                 f"train.global_batch_size {tr.global_batch_size}; set it to {tr.global_batch_size // ranks} or null",
             )
         par = self.parallel
+        if par.pp > 1 and tr.grad_accum > 1:
+            raise _bad("train", "grad_accum", f"{tr.grad_accum} with parallel.pp={par.pp}: the pipeline's micro-batches "
+                       f"are the accumulation; set train.grad_accum=1 and parallel.pp_microbatches instead")
         if par.pp > 1 or par.pp_microbatches > 1:
             from parallel.pipeline import validate_pipeline
 

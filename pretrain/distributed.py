@@ -27,17 +27,12 @@ def init_dims(cfg: RunConfig, device: torch.device):
         validate_layout(cfg.parallel.tp, cfg.parallel.dp, cfg.parallel.pp, world)
     except LayoutError as err:
         raise ConfigError(str(err)) from None
-    if cfg.parallel.pp > 1:
-        raise ConfigError(
-            f"parallel.pp={cfg.parallel.pp}: the trainer does not drive pipeline stages yet (the pipeline itself is "
-            f"parallel/pipeline.py, see docs/parallel.md); use parallel.pp=1"
-        )
     if world > 1 and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError("WORLD_SIZE > 1 needs MASTER_ADDR/MASTER_PORT: start ranks with torchrun or `ebt launch`")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return build_dims(cfg.parallel.tp, cfg.parallel.dp)
+        return build_dims(cfg.parallel.tp, cfg.parallel.dp, cfg.parallel.pp)
     except LayoutError as err:
         raise ConfigError(str(err)) from None
 

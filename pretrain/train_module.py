@@ -25,6 +25,14 @@ So a dp=2 (or ZeRO) run draws exactly what one process draws, and a run resumed 
 layout continues the same trajectory. Rows are independent in the loss, and each
 micro-batch's loss is weighted by its share of the global rows, so the gradient is the
 global mean whatever the split.
+
+Pipeline parallelism (parallel.pp > 1): the step runs through parallel.pipeline
+(`EBTPipeline`, `TransformerPipeline`) in `parallel.pp_microbatches` micro-batches instead of
+`unroll`. Stage 0 holds the candidate, so the draws, the replay buffer and the loss live
+there; every stage receives the same logged statistics. The micro-batches are built from the
+same keyed draws, so a pp run draws what one process draws. Evaluation and the checkpoint
+probe need the whole model at once: they run on a full-depth copy assembled from the stages
+(`parallel.pipeline.gather_stage_states`), rebuilt at each evaluation and freed after it.
 """
 from __future__ import annotations
 
@@ -102,8 +110,35 @@ class TrainModule:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def probe_values(self) -> List[List[float]]:
-        return probe_mod.probe_values(self.model, probe_mod.probe_ids(self.cfg.model.vocab_size, self.cfg.data.seq_len))
+    def eval_model(self):
+        """The model evaluation and the probe run: this rank's model, or under pipeline
+        parallelism a full-depth copy assembled from every stage (collective over pp; tp
+        stays sharded as in training)."""
+        if self.dims.pp == 1:
+            return self.model
+        from parallel.pipeline import gather_stage_states
+        from parallel.tensor import tensor_parallelize
+
+        from .model import build_model
+
+        state = gather_stage_states(self.model, self.dims)
+        with torch.random.fork_rng(devices=[]):  # building draws init weights: keep no trace
+            copy = build_model(self.cfg.model).to(self.device)
+        tensor_parallelize(copy, self.dims)
+        copy.load_state_dict(state, strict=True)
+        return copy
+
+    def probe_values(self, ids: Optional[torch.Tensor] = None) -> List[List[float]]:
+        """Energies (EBT) or target log-probabilities (Transformer++) on the fixed probe batch
+        (collective under tp and pp)."""
+        if ids is None:
+            ids = probe_mod.probe_ids(self.cfg.model.vocab_size, self.cfg.data.seq_len)
+        return probe_mod.probe_values(self.eval_model(), ids)
+
+    def _split_rows(self, rows: int) -> List[slice]:
+        """This rank's micro-batches: train.grad_accum pieces, or parallel.pp_microbatches
+        under pipeline parallelism (config validation keeps grad_accum at 1 there)."""
+        return _split(rows, self.cfg.parallel.pp_microbatches if self.dims.pp > 1 else self.cfg.train.grad_accum)
 
     def commit(self, stepped: bool) -> None:
         """Called once per optimizer step after the non-finite decision."""
@@ -115,7 +150,7 @@ class TrainModule:
         pass
 
     def _flops_share(self, flops: float) -> float:
-        return flops / self.dims.tp
+        return flops / (self.dims.tp * self.dims.pp)
 
 
 class EBTTrainModule(TrainModule):
@@ -125,8 +160,16 @@ class EBTTrainModule(TrainModule):
         super().__init__(pm, cfg, device)
         self.dtype = dtype
         th = cfg.thinking
-        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype) if th.replay_size > 0 else None
+        # Under pipeline parallelism only stage 0 holds candidates, hence the replay buffer.
+        keeps_candidates = self.dims.pp == 1 or self.dims.is_first_stage
+        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype) if th.replay_size > 0 and keeps_candidates else None
         self._pending: Optional[tuple] = None
+        self.pipeline = None
+        if self.dims.pp > 1:
+            from parallel.pipeline import EBTPipeline
+
+            self.pipeline = EBTPipeline(self.model, self.dims, th, cfg.parallel.pp_microbatches,
+                                        backprop=pm.pipeline_backprop, schedule=cfg.parallel.pp_schedule)
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, batch: LocalBatch, step: int) -> StepStats:
@@ -136,8 +179,10 @@ class EBTTrainModule(TrainModule):
         k_steps = key.num_steps(th)
         ids = batch.ids
         rows, seq = ids.shape[0], ids.shape[1] - 1
-        wdtype = model.energy_head.weight.dtype
+        wdtype = next(model.parameters()).dtype
         sample_ids = list(range(batch.first_row, batch.first_row + rows))
+        if self.pipeline is not None and not self.dims.is_first_stage:
+            return self._pipeline_step(None, None, None, key, k_steps, rows, seq, batch.global_rows)
         y0 = vocab_ops.shard(KeyedDraws(key, sample_ids).initial((rows, seq, model.vocab_size), th, self.device, wdtype))
         total_rows = batch.global_rows
         if self.replay is not None and th.replay_fraction > 0 and len(self.replay) > 0:
@@ -149,7 +194,9 @@ class EBTTrainModule(TrainModule):
                 y0 = torch.cat([y0, r_logits[mine].to(self.device, wdtype)])
                 sample_ids += [batch.global_rows + j for j in range(mine.start, mine.stop)]
                 total_rows += n_replay
-        parts = _split(ids.shape[0], cfg.train.grad_accum)
+        if self.pipeline is not None:
+            return self._pipeline_step(ids, y0, sample_ids, key, k_steps, rows, seq, total_rows)
+        parts = self._split_rows(ids.shape[0])
         results, flops = [], 0.0
         for i, part in enumerate(parts):
             n = part.stop - part.start
@@ -181,6 +228,51 @@ class EBTTrainModule(TrainModule):
             flops=self._flops_share(flops),
         )
 
+    def _pipeline_step(self, ids, y0, sample_ids, key: StepKey, k_steps: int, rows: int, seq: int,
+                       total_rows: int) -> StepStats:
+        """One optimizer step through the pipeline. Stage 0 passes its rows (replay included),
+        their initial candidates and sample ids; the other stages pass None and learn the
+        micro-batch shapes and step count from stage 0's plan."""
+        from .pipeline_draws import draw_microbatch
+
+        th, model = self.cfg.thinking, self.model
+        micro_batches, scales, sizes = None, None, None
+        if ids is not None:
+            parts = self._split_rows(ids.shape[0])
+            micro_batches = [
+                draw_microbatch(model, ids[p], th, draws=KeyedDraws(key, sample_ids[p]), num_steps=k_steps,
+                                initial_logits=y0[p], fresh_rows=max(0, min(p.stop, rows) - p.start))
+                for p in parts
+            ]
+            sizes = [p.stop - p.start for p in parts]
+            scales = [n * self.dims.dp / total_rows for n in sizes]
+        result = self.pipeline.run(micro_batches, loss_scale=scales)
+        self.pm.sync_gradients()
+        if ids is not None and self.replay is not None:
+            self._pending = (ids[:rows], torch.cat(result.final_logits)[:rows].detach())
+        # Row weights of the micro-batches: every stage needs them for the logged means, and
+        # only stage 0 knows the replay rows; the stages' statistics agree after the pipeline's
+        # reduction, so the weights travel the same way (one small broadcast).
+        weights = torch.zeros(len(result.micro_losses), dtype=torch.float64)
+        if sizes is not None:
+            weights[:] = torch.tensor(sizes, dtype=torch.float64)
+        weights = self.pipeline.transport.broadcast_from_first(weights)
+
+        def mean(values: Iterable[torch.Tensor]) -> torch.Tensor:
+            got = torch.stack([v.detach().double() for v in values])
+            return (got * weights).sum() / weights.sum()
+
+        flops = flops_mod.ebt_step_flops(model.cfg, seq, int(weights.sum()), k_steps, th.create_graph, th.reuse_context)
+        return StepStats(
+            loss=mean(result.micro_losses),
+            loss_first=mean(s[0] for s in result.step_losses),
+            loss_last=mean(s[-1] for s in result.step_losses),
+            energy_first=mean(e[0] for e in result.step_energies),
+            energy_last=mean(e[-1] for e in result.step_energies),
+            nonfinite_grad_input=result.nonfinite,
+            flops=self._flops_share(flops),
+        )
+
     def commit(self, stepped: bool) -> None:
         """Stores this step's final candidates in the replay buffer, unless the step was
         skipped (its NaN rows must not seed later batches). All dp ranks add the whole
@@ -203,18 +295,19 @@ class EBTTrainModule(TrainModule):
         gen = torch.Generator().manual_seed(tc.seed + EVAL_SEED_OFFSET)
         ce_sum = energy_sum = None
         count = 0
-        self.model.eval()
+        model = self.eval_model()
+        model.eval()
         for batch in islice(batches, num_batches):
             ids = batch.to(self.device)
             with self.autocast(self.dtype):
-                r = think(self.model, ids[:, :-1], steps, generator=gen, targets=ids[:, 1:],
+                r = think(model, ids[:, :-1], steps, generator=gen, targets=ids[:, 1:],
                           noise_std=th.eval_noise_std, init=th.init, init_std=th.init_std, grad_wrt=th.grad_wrt)
             ce = torch.tensor(r.ce_per_step, dtype=torch.float64)
             energy = r.energies.double().mean(dim=(1, 2)).cpu()
             ce_sum = ce if ce_sum is None else ce_sum + ce
             energy_sum = energy if energy_sum is None else energy_sum + energy
             count += 1
-        self.model.train()
+        model.train()
         if count == 0:
             return {"val_batches": 0}
         ce_steps = (ce_sum / count).tolist()
@@ -256,10 +349,24 @@ class TransformerPPTrainModule(TrainModule):
     def __init__(self, pm, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(pm, cfg, device)
         self.dtype = dtype
+        self.pipeline = None
+        if self.dims.pp > 1:
+            from parallel.pipeline import TransformerPipeline
+
+            self.pipeline = TransformerPipeline(self.model, self.dims, cfg.parallel.pp_microbatches,
+                                                backprop=pm.pipeline_backprop)
 
     def train_step(self, batch: LocalBatch, step: int) -> StepStats:
         ids = batch.ids
-        parts = _split(ids.shape[0], self.cfg.train.grad_accum)
+        parts = self._split_rows(ids.shape[0])
+        if self.pipeline is not None:  # GPipe; config validation makes the micro-batches equal
+            with self.autocast(self.dtype):
+                loss = self.pipeline.run([ids[p] for p in parts],
+                                         loss_scale=(parts[0].stop - parts[0].start) * self.dims.dp / batch.global_rows)
+            self.pm.sync_gradients()
+            flops = flops_mod.transformer_pp_step_flops(self.model.cfg, ids.shape[1] - 1, ids.shape[0])
+            loss = loss.detach()
+            return StepStats(loss, loss, loss, None, None, torch.zeros((), dtype=torch.bool), self._flops_share(flops))
         losses, flops = [], 0.0
         for i, part in enumerate(parts):
             n = part.stop - part.start
@@ -275,14 +382,15 @@ class TransformerPPTrainModule(TrainModule):
     @torch.no_grad()
     def evaluate(self, batches: Iterable[torch.Tensor], num_batches: int, step: int) -> Dict[str, Any]:
         total, count = 0.0, 0
-        self.model.eval()
+        model = self.eval_model()
+        model.eval()
         for batch in islice(batches, num_batches):
             ids = batch.to(self.device)
             with self.autocast(self.dtype):
-                logits = self.model(ids[:, :-1])
-            total += float(self.vocab_ops.cross_entropy(logits, ids[:, 1:]))
+                logits = model(ids[:, :-1])
+            total += float(model.vocab_ops.cross_entropy(logits, ids[:, 1:]))
             count += 1
-        self.model.train()
+        model.train()
         return {"val_batches": count, **({"val_ce": total / count} if count else {})}
 
 

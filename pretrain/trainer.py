@@ -222,7 +222,7 @@ class Trainer:
     @property
     def layout(self) -> Dict[str, int]:
         p = self.cfg.parallel
-        return {"tp": p.tp, "dp": p.dp, "zero_stage": p.zero_stage}
+        return {"tp": p.tp, "dp": p.dp, "pp": p.pp, "zero_stage": p.zero_stage}
 
     def _callback(self, kind: type) -> Optional[Callback]:
         return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
@@ -265,8 +265,8 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
     def probe_values(self) -> List[List[float]]:
         """Energies (EBT) or target log-probabilities (Transformer++) on the fixed probe batch
-        (collective under tp)."""
-        return probe_mod.probe_values(self.model, self.probe_ids)
+        (collective under tp and pp)."""
+        return self.module.probe_values(self.probe_ids)
 
     def _trainer_state(self) -> Dict[str, Any]:
         return {
@@ -388,7 +388,7 @@ class Trainer:
             f"{cfg.model.arch}: {self.num_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, "
             f"seq {cfg.data.seq_len}, batch {tc.global_batch_size}, {tc.max_steps} steps, device {self.device}, "
             f"{str(self.dtype).replace('torch.', '')}, layout tp={self.dims.tp} dp={self.dims.dp} "
-            f"zero={cfg.parallel.zero_stage} on {self.dims.world_size} process(es), "
+            f"pp={self.dims.pp} zero={cfg.parallel.zero_stage} on {self.dims.world_size} process(es), "
             f"unigram entropy {self.prepared.unigram_entropy:.3f} nats"
         )
         started = time.time()
