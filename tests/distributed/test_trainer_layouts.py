@@ -66,7 +66,7 @@ def test_tp2_under_torchrun_reproduces_the_single_process_run(tmp, single):
     assert all(abs(x - y) <= 1e-5 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
     close(weights(single, tmp)[0], weights(tp2, tmp)[0])
     meta = json.loads((latest_checkpoint(tp2) / "metadata.json").read_text())
-    assert meta["layout"] == {"tp": 2, "dp": 1, "zero_stage": 0} and meta["world_size"] == 2
+    assert meta["layout"] == {"tp": 2, "dp": 1, "pp": 1, "zero_stage": 0} and meta["world_size"] == 2
     env = json.loads((tp2 / "env.json").read_text())  # the real world, not a hard-coded 1
     assert env["world_size"] == 2 and env["layout"]["tp"] == 2 and len(env["rank_hosts"]) == 2
     assert env["backend"] == "gloo" and env["hosts"]
