@@ -1,5 +1,5 @@
-"""The trainer under torchrun: a tp=2 run reproduces the single-process run, a tp=2 checkpoint
-resumes in one process, and exports of the same weights from a single-process and a tp=2
+"""The trainer under torchrun: a tp=2 run and a pp=2 run of the default experiment reproduce the
+single-process run, a tp=2 checkpoint resumes in one process, and exports of the same weights from a single-process and a tp=2
 checkpoint are identical. Real processes (torchrun, gloo on CPU), the tiny experiment. (dp and
 ZeRO, resume across dp/ZeRO layouts: tests/distributed/test_trainer_one_road.py.)"""
 from __future__ import annotations
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.distributed
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-def run(tmp: Path, name: str, *overrides: str, nproc: int = 1, max_steps: int = 4) -> Path:
+def run(tmp: Path, name: str, *overrides: str, nproc: int = 1, max_steps: int = 4, experiment: str = "test_tiny") -> Path:
     run_dir = tmp / name
-    args = ["-m", "pretrain", "pretrain", "test_tiny", f"run_dir={run_dir}", f"data.cache_dir={tmp / 'cache'}",
+    args = ["-m", "pretrain", "pretrain", experiment, f"run_dir={run_dir}", f"data.cache_dir={tmp / 'cache'}",
             f"train.max_steps={max_steps}", "train.checkpoint_every=2", *overrides]
     cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *args] if nproc > 1 else [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -87,3 +87,17 @@ def test_exports_of_the_same_weights_from_one_process_and_tp2_are_identical(tmp)
     wb, eb = weights(b, tmp)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (ea / "model.safetensors").read_bytes() == (eb / "model.safetensors").read_bytes()
+
+
+def test_default_experiment_at_pp2_under_torchrun_reproduces_the_single_process_losses(tmp):
+    # The default experiment (4xs body, S2 recipe with replay, Shakespeare), shortened.
+    small = ["train.global_batch_size=8", "data.seq_len=32", "model.max_seq_len=32", "train.eval_every=0",
+             "train.log_every=1"]
+    a = run(tmp, "default-single", *small, max_steps=3, experiment="default")
+    b = run(tmp, "default-pp2", *small, "parallel.pp=2", "parallel.pp_microbatches=2", nproc=2, max_steps=3,
+            experiment="default")
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 3
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb)), (la, lb)
+    meta = json.loads((latest_checkpoint(b) / "metadata.json").read_text())
+    assert meta["layout"]["pp"] == 2 and len(list((latest_checkpoint(b) / "model").glob("model-pp*"))) == 2
