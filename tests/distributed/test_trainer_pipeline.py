@@ -5,7 +5,8 @@
   the final weights;
 * checkpoints resume across pipeline layouts, continuing the same trajectory:
   1 process -> pp=2, pp=2 -> tp=2, tp=2 -> pp=2, pp=2 -> pp=2 x dp=2 (ZeRO-1),
-  pp=2 x dp=2 -> pp=2 x tp=2, pp=2 -> 1 process and pp=2 x dp=2 -> 1 process;
+  pp=2 x dp=2 -> pp=2 x tp=2, pp=2 -> pp=2 x dp=2 (ZeRO-2), pp=2 -> 1 process and
+  pp=2 x dp=2 -> 1 process;
 * the Transformer++ trains and evaluates under pp=2, matching one process;
 * a pp=2 checkpoint holds one shard file per stage, and the folder says so.
 
@@ -88,6 +89,7 @@ def _two_ranks(tmp: str, cache: str) -> None:
         torch.save(weights, tmp_path / "pp2.weights.pt")
         copy_checkpoint(tmp_path / "pp2", 3, tmp_path / "pp2-then-tp2")
         copy_checkpoint(tmp_path / "pp2", 3, tmp_path / "pp2-then-pp2dp2")
+        copy_checkpoint(tmp_path / "pp2", 6, tmp_path / "pp2-then-pp2zero2")
     dist.barrier()
     resume("s2", tmp_path, cache_path, "single-then-pp2", *PP2)
     resume("s2", tmp_path, cache_path, "pp2-then-tp2", "parallel.tp=2")
@@ -107,6 +109,7 @@ def _four_ranks(tmp: str, cache: str) -> None:
         copy_checkpoint(tmp_path / "pp2-then-pp2dp2", 6, tmp_path / "pp2dp2-then-pp2tp2")
     dist.barrier()
     resume("s2", tmp_path, cache_path, "pp2dp2-then-pp2tp2", *PP2, "parallel.tp=2")
+    resume("s2", tmp_path, cache_path, "pp2-then-pp2zero2", *PP2, "parallel.dp=2", "parallel.zero_stage=2")
 
 
 def test_pp2_reproduces_one_process_and_resumes_across_pipeline_layouts(tmp_path, data_cache):
@@ -150,6 +153,7 @@ def test_pp2_reproduces_one_process_and_resumes_across_pipeline_layouts(tmp_path
     run_distributed(_four_ranks, 4, str(tmp_path), str(data_cache))
     assert_close_rel(losses(tmp_path / "pp2-then-pp2dp2"), want[3:])
     assert_close_rel(losses(tmp_path / "pp2dp2-then-pp2tp2"), want[6:])
+    assert_close_rel(losses(tmp_path / "pp2-then-pp2zero2"), want[6:])
 
     # pp=2 -> one process, pp=2 x dp=2 -> one process
     for src, name in ((tmp_path / "pp2", "pp2-then-single"), (tmp_path / "pp2-then-pp2dp2", "pp2dp2-then-single")):
