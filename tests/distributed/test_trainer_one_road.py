@@ -9,7 +9,7 @@ tests/distributed/test_trainer_layouts.py covers the same through torchrun):
 * a NaN (and an inf) in one rank's gradient at tp=2, dp=2 and ZeRO-1: the step is skipped on
   every rank, weights and optimizer state bitwise unchanged, logged and counted, and
   `train.max_consecutive_nonfinite` stops the run with a one-line error;
-* every shipped experiment trains, checkpoints and resumes under tp=2, dp=2, ZeRO-1, ZeRO-2;
+* every shipped experiment trains, checkpoints and resumes under tp=2, dp=2, ZeRO-1, ZeRO-2, pp=2;
 * the Transformer++ trains, evaluates and checkpoints under tp=2, matching one process.
 """
 from __future__ import annotations
@@ -209,7 +209,9 @@ def _experiments_main(tmp: str, cache: str, layout: List[str], out_file: str) ->
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.dp=2"], ["parallel.dp=2", "parallel.zero_stage=1"],
-                                    ["parallel.dp=2", "parallel.zero_stage=2"]], ids=["tp2", "dp2", "zero1", "zero2"])
+                                    ["parallel.dp=2", "parallel.zero_stage=2"],
+                                    ["parallel.pp=2", "parallel.pp_microbatches=2", "model.num_layers=2"]],
+                         ids=["tp2", "dp2", "zero1", "zero2", "pp2"])
 def test_every_experiment_trains_checkpoints_and_resumes(tmp_path, data_cache, layout):
     out = tmp_path / "done.json"
     run_distributed(_experiments_main, 2, str(tmp_path), str(data_cache), layout, str(out))
