@@ -21,9 +21,10 @@ pytestmark = pytest.mark.distributed
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-def run(tmp: Path, name: str, *overrides: str, nproc: int = 1, max_steps: int = 4, experiment: str = "test_tiny") -> Path:
+def run(tmp: Path, name: str, *overrides: str, nproc: int = 1, max_steps: int = 4, experiment: str = "test_tiny",
+        cache: Path | None = None) -> Path:
     run_dir = tmp / name
-    args = ["-m", "pretrain", "pretrain", experiment, f"run_dir={run_dir}", f"data.cache_dir={tmp / 'cache'}",
+    args = ["-m", "pretrain", "pretrain", experiment, f"run_dir={run_dir}", f"data.cache_dir={cache or tmp / 'cache'}",
             f"train.max_steps={max_steps}", "train.checkpoint_every=2", *overrides]
     cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *args] if nproc > 1 else [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -89,13 +90,13 @@ def test_exports_of_the_same_weights_from_one_process_and_tp2_are_identical(tmp)
     assert (ea / "model.safetensors").read_bytes() == (eb / "model.safetensors").read_bytes()
 
 
-def test_default_experiment_at_pp2_under_torchrun_reproduces_the_single_process_losses(tmp):
+def test_default_experiment_at_pp2_under_torchrun_reproduces_the_single_process_losses(tmp, data_cache):
     # The default experiment (4xs body, S2 recipe with replay, Shakespeare), shortened.
     small = ["train.global_batch_size=8", "data.seq_len=32", "model.max_seq_len=32", "train.eval_every=0",
              "train.log_every=1"]
-    a = run(tmp, "default-single", *small, max_steps=3, experiment="default")
+    a = run(tmp, "default-single", *small, max_steps=3, experiment="default", cache=data_cache)
     b = run(tmp, "default-pp2", *small, "parallel.pp=2", "parallel.pp_microbatches=2", nproc=2, max_steps=3,
-            experiment="default")
+            experiment="default", cache=data_cache)
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 3
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb)), (la, lb)
