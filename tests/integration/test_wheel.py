@@ -65,7 +65,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_from_another_directory(tmp_
     assert str(venv) in where.stdout and "site-packages" in where.stdout, where.stdout
 
     proc = _run([ebt, "pretrain", "--print-config", "default"], elsewhere, env)
-    assert "sources:\n  - shakespeare" in proc.stdout and "num_steps_max: 3" in proc.stdout
+    assert "sources:\n  - shakespeare" in proc.stdout and "num_steps_max: 4" in proc.stdout
 
     proc = _run([ebt, "pretrain", "test_tiny", "train.max_steps=2", "run_dir=run",
                  f"data.cache_dir={tmp_path / 'cache'}"], elsewhere, env)

@@ -13,7 +13,7 @@ def test_default_experiment_is_the_embedded_default():
     assert isinstance(cfg, RunConfig)
     assert cfg.model.arch == "ebt"
     assert cfg.data.sources == ["shakespeare"]
-    assert cfg.thinking.num_steps_max == 3 and cfg.thinking.loss_on == "last"  # S2 recipe
+    assert cfg.thinking.num_steps_max == 4 and cfg.thinking.eval_steps == 8 and cfg.thinking.loss_on == "last"  # S2, 2-4 steps
     s1 = load_config(["s1"])
     assert s1.thinking.num_steps == 2 and s1.thinking.num_steps_max is None and s1.thinking.loss_on == "mean"
     assert s1.model.step_size == 500.0 and s1.model.learn_step_size and s1.optim.alpha_lr_multiplier == 1500.0
