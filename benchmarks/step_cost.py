@@ -179,7 +179,7 @@ def matmul_rate(n: int, k: int, m: int, device: torch.device) -> float:
 def model_flops(row: Row, model, seq: int, n_rows: int) -> float:
     if row.kind == "tpp":
         return transformer_pp_step_flops(model.cfg, seq, n_rows)
-    return ebt_step_flops(model.cfg, seq, n_rows, row.steps, row.thinking.create_graph, row.thinking.reuse_context)
+    return ebt_step_flops(model.cfg, seq, n_rows, row.steps, row.thinking)
 
 
 def rss_child(args) -> None:

@@ -76,7 +76,9 @@ class ThinkingConfig:
     """Compute the context stream once per batch when the conditioning allows (exact)."""
     fused_vocab: bool = True
     """End each step with the fused, chunked candidate update + cross-entropy of
-    pretrain/model/vocab.py when it applies (grad_wrt='probs', the step's y' needs no graph); exact."""
+    pretrain/model/vocab.py when it applies (grad_wrt='probs', the step's y' needs no graph); exact.
+    The one switch for both families: a Transformer++ run (model.arch=transformer++) trains
+    through the same Function as its fused LM-head cross-entropy when it is on."""
 
     @property
     def trained_steps(self) -> int:

@@ -160,8 +160,7 @@ class EBTTrainModule(TrainModule):
                     backward_fn=self.pm.backward_fn(sync=i == len(parts) - 1),
                 )
             results.append((n, r))
-            flops += flops_mod.ebt_step_flops(model.cfg, seq, r.num_rows, r.num_steps, th.create_graph,
-                                              th.reuse_context)
+            flops += flops_mod.ebt_step_flops(model.cfg, seq, r.num_rows, r.num_steps, th)
         if self.replay is not None:
             fresh = torch.cat([r.final_logits for _, r in results])[:rows]
             self._pending = (batch.ids, fresh)
@@ -263,9 +262,13 @@ class TransformerPPTrainModule(TrainModule):
         losses, flops = [], 0.0
         for i, part in enumerate(parts):
             n = part.stop - part.start
+            # thinking.fused_vocab is the one switch for both families' fused vocabulary
+            # ops: here the chunked LM-head CE (never the (B, S, V) logits), vocab-parallel under tp.
             with self.autocast(self.dtype):
-                logits = self.model(ids[part, :-1])
-            loss = self.vocab_ops.cross_entropy(logits, ids[part, 1:])  # vocab-parallel under tp
+                if self.cfg.thinking.fused_vocab:
+                    loss = self.model.loss(ids[part, :-1], ids[part, 1:])
+                else:
+                    loss = self.vocab_ops.cross_entropy(self.model(ids[part, :-1]), ids[part, 1:])
             self.pm.backward(loss * (n * self.dims.dp / batch.global_rows), sync=i == len(parts) - 1)
             losses.append(loss.detach() * n)
             flops += flops_mod.transformer_pp_step_flops(self.model.cfg, ids.shape[1] - 1, n)
