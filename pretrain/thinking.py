@@ -26,6 +26,7 @@ import torch
 from .model.ebt import Context, EnergyTransformer
 from .model.vocab import LOCAL_VOCAB
 from .replay import DTYPES as REPLAY_DTYPES
+from .replay import STORAGES as REPLAY_STORAGES
 from .replay import ReplayBuffer
 
 CREATE_GRAPH = ("all", "last")
@@ -64,6 +65,10 @@ class ThinkingConfig:
     """Rows added to each batch from the buffer, as a fraction of the batch (S2: 0.5)."""
     replay_dtype: str = "float32"
     """Storage dtype of the buffer's logits: `float32` (exact for float32 training) or `bfloat16` (half the bytes)."""
+    replay_storage: str = "auto"
+    """Where the buffer's logit rows live: `memory`, `disk` (a file under run_dir read and written
+    with pread/pwrite: page cache, not process memory; same bytes) or `auto` (disk when a full
+    buffer would exceed 1 GiB, e.g. 2.47 GB at V 50277; pretrain/replay.py)."""
     eval_steps: int = 3
     """Thinking steps at evaluation; the System-2 gain compares them with `num_steps`."""
     eval_noise_std: float = 0.0
@@ -109,6 +114,8 @@ class ThinkingConfig:
             raise bad("replay_fraction", "replay_size must be >= 0 and replay_fraction in [0, 1]")
         if self.replay_fraction > 0 and self.replay_size == 0:
             raise bad("replay_size", "replay_fraction > 0 needs thinking.replay_size > 0")
+        if self.replay_storage not in REPLAY_STORAGES:
+            raise bad("replay_storage", f"{self.replay_storage!r} is not one of {REPLAY_STORAGES}")
         if self.replay_dtype not in REPLAY_DTYPES:
             raise bad("replay_dtype", f"{self.replay_dtype!r} is not one of {tuple(REPLAY_DTYPES)}")
         if self.eval_steps < 1:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -125,7 +126,9 @@ class EBTTrainModule(TrainModule):
         super().__init__(pm, cfg, device)
         self.dtype = dtype
         th = cfg.thinking
-        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype) if th.replay_size > 0 else None
+        # Each process keeps its own copy (its vocabulary slice under tp): one file per rank.
+        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype, th.replay_storage, Path(cfg.run_dir),
+                                   f"replay-rank{self.dims.rank}.bin") if th.replay_size > 0 else None
         self._pending: Optional[tuple] = None
 
     # -- one optimizer step ---------------------------------------------------------------
