@@ -42,6 +42,7 @@ DEFAULT_EXPERIMENT = "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")  # train.wandb (pretrain.sinks)
+COMPILE_MODES = ("false", "true", "auto")  # train.compile (pretrain.compiled)
 ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
 PP_SCHEDULES = ("interleaved", "gpipe")  # parallel.pipeline.SCHEDULES
 
@@ -129,6 +130,11 @@ class TrainConfig:
     under run_dir/wandb/) or `online` (pretrain.sinks). TensorBoard and the JSONL files are written either way."""
     wandb_project: str = "ebt-pretrain"
     """The W&B project of `train.wandb` runs (the run is named after run_dir)."""
+    compile: str = "auto"
+    """torch.compile of the EBT's second-order thinking step (pretrain/compiled.py): `true`,
+    `false` or `auto` (off: on CPU the 5-10 minute cold compile outweighs its 1.3x on that part
+    for any run here; unmeasured on CUDA). Exact; single process per model replica (tp = pp = 1).
+    The cold-compile seconds are in the progress line and metrics (`compile_seconds`)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "grad_accum", "keep_last_k", "eval_batches", "log_every"):
@@ -151,6 +157,9 @@ class TrainConfig:
             raise _bad("train", "wandb", f"{self.wandb!r} is not one of {WANDB_MODES}")
         if not self.wandb_project.strip():
             raise _bad("train", "wandb_project", "is empty")
+        self.compile = str(self.compile).lower()  # a YAML `true` arrives as the string "True"
+        if self.compile not in COMPILE_MODES:
+            raise _bad("train", "compile", f"{self.compile!r} is not one of {COMPILE_MODES}")
 
 
 @dataclass
@@ -231,6 +240,8 @@ class RunConfig:
                 f"train.global_batch_size {tr.global_batch_size}; set it to {tr.global_batch_size // ranks} or null",
             )
         par = self.parallel
+        if tr.compile == "true" and (par.tp > 1 or par.pp > 1):
+            raise _bad("train", "compile", "true needs parallel.tp = parallel.pp = 1 (tp/pp collectives are not compiled)")
         if par.pp > 1 or par.pp_microbatches > 1:
             from parallel.pipeline import validate_pipeline
 

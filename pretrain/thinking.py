@@ -19,7 +19,7 @@ Two execution paths beyond the literal one, both exactly equal to it (tests prov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,9 @@ from .model.vocab import LOCAL_VOCAB
 from .replay import DTYPES as REPLAY_DTYPES
 from .replay import STORAGES as REPLAY_STORAGES
 from .replay import ReplayBuffer
+
+if TYPE_CHECKING:
+    from .compiled import CompiledEnergyGrad
 
 CREATE_GRAPH = ("all", "last")
 LOSS_ON = ("mean", "last")
@@ -319,6 +322,7 @@ def unroll(
     num_steps: Optional[int] = None,
     initial_logits: Optional[torch.Tensor] = None,
     backward_fn: BackwardFn = _plain_backward,
+    compiled: Optional["CompiledEnergyGrad"] = None,
 ) -> UnrollResult:
     """One training unroll on a batch of token ids (B, S+1).
 
@@ -329,7 +333,17 @@ def unroll(
     (pretrain.train_module). With `backward=True` gradients of `loss * loss_scale` are
     accumulated into the parameters (per step when allowed, else once at the end) and the
     returned loss is detached; with `backward=False` the loss keeps its graph.
+    `compiled` (pretrain.compiled, `train.compile`): the fused second-order steps' energy and
+    dE/dh run through it (needs `backward=True`: its leaves' gradients are carried on there).
     """
+    carry = None
+    if compiled is not None:
+        if not backward:
+            raise ValueError("unroll: a compiled thinking step needs backward=True (it carries leaf gradients)")
+        from .compiled import LeafCarry
+
+        carry = LeafCarry()
+        backward_fn = carry.wrap(backward_fn)
     context_ids, targets = input_ids[:, :-1], input_ids[:, 1:]
     dtype = model.energy_head.weight.dtype
     device = input_ids.device
@@ -391,8 +405,11 @@ def unroll(
             with torch.no_grad():
                 p = vocab_ops.probs(y)
             h = model.cand_embed(p)
-            energy = model.energy_from_embedding(step_context, h, k)
-            (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
+            if carry is not None and make_graph:
+                energy, u = compiled(step_context, h, k, carry)
+            else:
+                energy = model.energy_from_embedding(step_context, h, k)
+                (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
             # Without create_graph g is a constant on the plain path: W_v2e must not get its term.
             w = model.cand_embed.weight if make_graph else model.cand_embed.weight.detach()
             loss_k, y, finite = vocab_ops.update_cross_entropy(p, u, w, alpha, targets)

@@ -40,6 +40,8 @@ from data_pipeline.order import rank_slice
 
 from . import flops as flops_mod
 from . import probe as probe_mod
+from .compiled import CompiledEnergyGrad
+from .compiled import resolve as resolve_compile
 from .config import RunConfig
 from .thinking import STREAM_REPLAY, KeyedDraws, ReplayBuffer, StepKey, think, unroll
 
@@ -71,6 +73,8 @@ class StepStats:
     """NaN/Inf in dE/dy (EBT)."""
     flops: float
     """FLOPs this rank computed (its rows, its 1/tp of the model)."""
+    compile_seconds: float = 0.0
+    """Seconds of torch.compile cold compiles in this step (`train.compile`)."""
 
 
 def _split(n: int, parts: int) -> List[slice]:
@@ -130,6 +134,8 @@ class EBTTrainModule(TrainModule):
         self.replay = ReplayBuffer(th.replay_size, th.replay_dtype, th.replay_storage, Path(cfg.run_dir),
                                    f"replay-rank{self.dims.rank}.bin") if th.replay_size > 0 else None
         self._pending: Optional[tuple] = None
+        self._compile_seen = 0.0
+        self.compiled = CompiledEnergyGrad(self.model) if resolve_compile(cfg.train.compile, device) else None
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, batch: LocalBatch, step: int) -> StepStats:
@@ -160,10 +166,13 @@ class EBTTrainModule(TrainModule):
                 r = unroll(
                     model, ids[part], th, draws=KeyedDraws(key, sample_ids[part]), num_steps=k_steps,
                     initial_logits=y0[part], loss_scale=n * self.dims.dp / total_rows,
-                    backward_fn=self.pm.backward_fn(sync=i == len(parts) - 1),
+                    backward_fn=self.pm.backward_fn(sync=i == len(parts) - 1), compiled=self.compiled,
                 )
             results.append((n, r))
             flops += flops_mod.ebt_step_flops(model.cfg, seq, r.num_rows, r.num_steps, th)
+        compile_seconds = 0.0
+        if self.compiled is not None:
+            compile_seconds, self._compile_seen = self.compiled.cold_seconds - self._compile_seen, self.compiled.cold_seconds
         if self.replay is not None:
             fresh = torch.cat([r.final_logits for _, r in results])[:rows]
             self._pending = (batch.ids, fresh)
@@ -181,6 +190,7 @@ class EBTTrainModule(TrainModule):
             energy_last=mean(r.step_energies[-1] for _, r in results),
             nonfinite_grad_input=torch.stack([r.nonfinite for _, r in results]).any(),
             flops=self._flops_share(flops),
+            compile_seconds=compile_seconds,
         )
 
     def commit(self, stepped: bool) -> None:
