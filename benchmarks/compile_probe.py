@@ -62,7 +62,7 @@ def main() -> None:
     print(f"\n{args.dtype}, V={args.vocab}, D {args.dim}, {args.layers} blocks, batch {args.batch} x {args.seq}, "
           f"S1 2 steps, backend {args.backend}, one thread, flush-to-zero")
     print(load_line(samples))
-    print(f"cold compile (first compiled unroll, wall): {cold:.0f} s ({compiled.cold_seconds:.0f} s in compiling calls)")
+    print(f"cold compile (first compiled unroll, wall): {cold:.0f} s ({compiled.cold_seconds:.0f} s by torch's compile timers)")
     print(f"gradients: {len(got)} of {len(want)} present; max |compiled - eager| / scale = {worst:.2e}")
     print(f"eager {fmt(samples['eager'].cpu, 1e3)} ms, compiled {fmt(samples['compiled'].cpu, 1e3)} ms CPU per unroll; "
           f"eager / compiled within rounds {fmt(within_round_ratios(samples['eager'].cpu, samples['compiled'].cpu), digits=2)}x")

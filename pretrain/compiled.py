@@ -17,7 +17,6 @@ seconds are counted in `cold_seconds` and reported in the progress line.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,8 +45,7 @@ class CompiledEnergyGrad:
 
         torch._dynamo.config.trace_autograd_ops = True
         self.model = model
-        self.cold_seconds = 0.0
-        """Seconds spent in calls that compiled a new graph (cold compiles), so far."""
+        self._base = _compile_seconds()
         self.calls = 0
         self._fn = torch.compile(self._energy_grad, fullgraph=True, backend=backend)
 
@@ -58,20 +56,27 @@ class CompiledEnergyGrad:
         (u,) = torch.autograd.grad(energy.sum(), h, create_graph=True)
         return energy, u
 
-    def __call__(self, context: Context, h: torch.Tensor, step: int, carry: "LeafCarry"):
-        from torch._dynamo.utils import counters
+    @property
+    def cold_seconds(self) -> float:
+        """Seconds this process spent compiling since this object was made (cold compiles):
+        dynamo's capture and the forward's code, and the backward's code, which AOTAutograd
+        compiles lazily at the first backward."""
+        return _compile_seconds() - self._base
 
+    def __call__(self, context: Context, h: torch.Tensor, step: int, carry: "LeafCarry"):
         tensors = [carry.leaf(t) for t in context.tensors]
         h_leaf = carry.leaf(h)
         # `default` conditioning ignores the step: one compiled graph serves every step.
         step = step if self.model.context_depends_on_step or self.model.cfg.ebt_type != "default" else 0
         self.calls += 1
-        graphs = counters["stats"]["unique_graphs"]
-        t0 = time.perf_counter()
-        out = self._fn(tensors, h_leaf, context.num_prefix, context.length, context.step_index, step)
-        if counters["stats"]["unique_graphs"] != graphs:
-            self.cold_seconds += time.perf_counter() - t0
-        return out
+        return self._fn(tensors, h_leaf, context.num_prefix, context.length, context.step_index, step)
+
+
+def _compile_seconds() -> float:
+    """torch's own compile timers: dynamo's compile (forward code included) + the lazy backward's."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(sum(compilation_time_metrics.get(key, ())) for key in ("_compile.compile_inner", "backward._backward_impl"))
 
 
 class LeafCarry:
