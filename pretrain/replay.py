@@ -149,21 +149,26 @@ class ReplayBuffer:
         rows = self._rows.nbytes() if self._rows is not None else 0
         return rows + sum(t.numel() * t.element_size() for t in self._ids)
 
-    def _open(self, row: torch.Tensor) -> None:
-        full = self.capacity * row.numel() * row.element_size()
+    def _open(self, shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+        full = self.capacity * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         disk = self.storage == "disk" or (self.storage == "auto" and self.directory is not None
                                           and full > AUTO_DISK_BYTES)
-        self._rows = _DiskRows(self.directory / self.name, tuple(row.shape), row.dtype) if disk else _MemoryRows()
+        self._rows = _DiskRows(self.directory / self.name, tuple(shape), dtype) if disk else _MemoryRows()
 
     def add(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
         """Stores each row of ids (B, S+1) and logits (B, S, V), overwriting the oldest when full."""
         ids, logits = ids.detach(), logits.detach()
+        dtype = self.dtype or logits.dtype
+        if self._rows is None:
+            self._open(tuple(logits.shape[1:]), dtype)
+        if self.on_disk:
+            # Written from (at most) one converted copy of the batch: per-row copies of this size
+            # fragment the C heap (each small id row splits a freed one) and stay resident.
+            logits = logits.to(dtype).contiguous()
         for row in range(ids.shape[0]):
-            # Copies: a view would keep the whole batch's (B, S, V) tensor alive.
             r_ids = ids[row].clone()
-            r_logits = logits[row].to(self.dtype or logits.dtype, copy=True)
-            if self._rows is None:
-                self._open(r_logits)
+            # In memory, copies: a view would keep the whole batch's (B, S, V) tensor alive.
+            r_logits = logits[row] if self.on_disk else logits[row].to(dtype, copy=True)
             self._rows.put(self.next, r_logits)
             if self.size < self.capacity:
                 self._ids.append(r_ids)
@@ -202,6 +207,7 @@ class ReplayBuffer:
         if self.dtype is not None:
             logits = logits.to(self.dtype)
         self._ids = [r.clone() for r in ids]
-        self._open(logits[0])
+        self._open(tuple(logits.shape[1:]), logits.dtype)
+        logits = logits.contiguous()
         for slot in range(size):
-            self._rows.put(slot, logits[slot].clone())
+            self._rows.put(slot, logits[slot] if self.on_disk else logits[slot].clone())
