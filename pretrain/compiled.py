@@ -28,10 +28,11 @@ BackwardFn = Callable[[Sequence[torch.Tensor], Optional[Sequence[torch.Tensor]],
 
 
 def resolve(mode: str, device: torch.device) -> bool:
-    """`train.compile` -> whether to compile. `auto` is off: on this project's CPU the cold
-    compile (7-10 minutes a signature) outweighs the gain for any run shorter than several
-    thousand steps (docs/performance.md); on CUDA it has not been measured (no GPU was lent),
-    so it is not turned on there unmeasured either."""
+    """`train.compile` -> whether to compile. `auto` is off: on this project's CPU a cold
+    compile takes minutes per distinct step signature (step index, rows, context length),
+    which the ~1.5x on the S1 unroll repays only after hundreds of steps, more than the demo
+    runs take (docs/performance.md); on CUDA it has not been measured (no GPU was lent), so
+    it is not turned on there unmeasured either."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"train.compile: {mode!r} is not one of {COMPILE_MODES}")
     return mode == "true"

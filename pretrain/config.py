@@ -132,8 +132,9 @@ class TrainConfig:
     """The W&B project of `train.wandb` runs (the run is named after run_dir)."""
     compile: str = "auto"
     """torch.compile of the EBT's second-order thinking step (pretrain/compiled.py): `true`,
-    `false` or `auto` (off: on CPU the 5-10 minute cold compile outweighs its 1.3x on that part
-    for any run here; unmeasured on CUDA). Exact; single process per model replica (tp = pp = 1).
+    `false` or `auto` (off: on this CPU a cold compile takes minutes per distinct step signature,
+    which its ~1.5x on the S1 unroll repays only after hundreds of steps; unmeasured on CUDA;
+    docs/performance.md). Exact; single process per model replica (tp = pp = 1).
     The cold-compile seconds are in the progress line and metrics (`compile_seconds`)."""
 
     def __post_init__(self) -> None:
