@@ -72,7 +72,7 @@ def measure(kind: str, size: dict, vocab: int, batch: int, seq: int, steps: int,
         train_step(kind, model, opt, ids, device, dtype)
     sync()
     seconds = (time.perf_counter() - t0) / steps
-    flops = (ebt_step_flops(model.cfg, seq, batch, S1.num_steps) if kind == "ebt"
+    flops = (ebt_step_flops(model.cfg, seq, batch, S1.num_steps, S1) if kind == "ebt"
              else transformer_pp_step_flops(model.cfg, seq, batch))
     peak = peak_flops_estimate(device, dtype)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

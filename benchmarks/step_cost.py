@@ -10,9 +10,10 @@ What it does, and why:
   median, so a load swing on a shared machine cancels out;
 * the matmul rate is measured in every round, on the step's largest GEMM shape
   ((B*S) x D x max(V, 4D)); "floor" is the step's matmul FLOPs (counted by
-  torch.utils.flop_counter on one step) at that round's rate, and "floor %" the fraction of the
-  step's CPU time it is: the rest is elementwise work, softmaxes and dispatch overhead.
-  The FLOPs of pretrain/flops.py's model (what tokens/s and MFU use) are printed beside;
+  torch.utils.flop_counter on one step, with pretrain.flops.counter_mapping for CPU's SDPA)
+  at that round's rate, and "floor %" the fraction of the step's CPU time it is: the rest is
+  elementwise work, softmaxes and dispatch overhead. The FLOPs of pretrain/flops.py's model
+  (what tokens/s and MFU use; tests/unit/test_flops.py proves it equal to the count) beside;
 * fair settings: `fused` rows give the EBT the fused candidate update of
   pretrain/model/vocab.py and the Transformer++ the same fused, chunked LM-head
   cross-entropy (`TransformerPP.loss`); `unfused` rows are both without (the plain ops). Each
@@ -21,7 +22,9 @@ What it does, and why:
   [2.5, 10], Langevin noise 3, no detach, second-order graph on the last step, replay buffer
   of 192 adding 50% rows), at 2 and at 3 steps (the recipe draws 2 or 3 per batch);
 * saved MB: the peak of distinct storages autograd holds for backward (`saved_tensors_hooks`);
-  `--rss` also runs each configuration alone in a fresh process and reports its peak RSS.
+  `--rss` also runs each EBT configuration alone in a fresh process in steady state (the S2
+  replay buffer filled to its 192 rows first) and reports its peak RSS (VmHWM), S2 with
+  `--replay-storage` (default auto: on disk at V = 50277) and with the rows in memory.
 
     python benchmarks/step_cost.py                      # V = 50277 (GPT-2 + 20), D 128, 2 blocks
     python benchmarks/step_cost.py --vocab 512          # the body-dominated tiny config
@@ -33,6 +36,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -45,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rounds import fmt, load_line, quartiles, run_rounds, within_round_ratios  # noqa: E402
 
-from pretrain.flops import ebt_step_flops, transformer_pp_step_flops  # noqa: E402
+from pretrain.flops import counter_mapping, ebt_step_flops, transformer_pp_step_flops  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.replay import ReplayBuffer  # noqa: E402
 from pretrain.thinking import ThinkingConfig, unroll  # noqa: E402
@@ -128,8 +132,10 @@ class _Holder:
         self.tensor = t
 
 
-def make_step(row: Row, size: dict, batch: int, seq: int, device: torch.device):
-    """(step function, model, rows per step) for one configuration."""
+def make_step(row: Row, size: dict, batch: int, seq: int, device: torch.device, storage: str = "memory",
+              directory: Path | None = None):
+    """(step function, model, rows per step) for one configuration; an S2 step function's
+    `replay` attribute is its buffer (`storage` under `directory`)."""
     torch.manual_seed(0)
     model = build_model(dict(size, **row.model)).to(device)
     gen = torch.Generator().manual_seed(0)
@@ -144,7 +150,8 @@ def make_step(row: Row, size: dict, batch: int, seq: int, device: torch.device):
             loss.backward()
         return step, model, batch
     cfg = row.thinking
-    replay = ReplayBuffer(cfg.replay_size, cfg.replay_dtype) if cfg.replay_size else None
+    replay = (ReplayBuffer(cfg.replay_size, cfg.replay_dtype, storage, directory, f"{row.name}.bin".replace(" ", "_"))
+              if cfg.replay_size else None)
     if replay is not None:
         # The buffer is never empty in steady state: every step adds 50% rows from it.
         with torch.no_grad():
@@ -154,6 +161,7 @@ def make_step(row: Row, size: dict, batch: int, seq: int, device: torch.device):
     def step():
         model.zero_grad(set_to_none=True)
         unroll(model, ids, cfg, generator=gen, replay=replay, num_steps=row.steps)
+    step.replay = replay
     return step, model, batch + extra
 
 
@@ -179,22 +187,33 @@ def matmul_rate(n: int, k: int, m: int, device: torch.device) -> float:
 def model_flops(row: Row, model, seq: int, n_rows: int) -> float:
     if row.kind == "tpp":
         return transformer_pp_step_flops(model.cfg, seq, n_rows)
-    return ebt_step_flops(model.cfg, seq, n_rows, row.steps, row.thinking.create_graph, row.thinking.reuse_context)
+    return ebt_step_flops(model.cfg, seq, n_rows, row.steps, row.thinking)
 
 
 def rss_child(args) -> None:
-    """Runs one configuration alone (2 steps) and prints its peak RSS in MB as JSON (Linux)."""
+    """Runs one configuration alone in steady state (an S2 replay buffer filled to capacity
+    first, as after 192 / 8 = 24 optimizer steps), 2 steps, and prints its peak RSS in MB as
+    JSON (Linux)."""
     row = next(r for r in rows(args) if r.name == args.rss_child)
-    step, _, _ = make_step(row, size_of(args), args.batch, args.seq, torch.device(args.device))
-    for _ in range(2):
-        step()
+    with tempfile.TemporaryDirectory(dir=args.replay_dir) as tmp:
+        step, model, _ = make_step(row, size_of(args), args.batch, args.seq, torch.device(args.device),
+                                   args.replay_storage, Path(tmp))
+        replay = getattr(step, "replay", None)
+        gen = torch.Generator().manual_seed(1)
+        while replay is not None and len(replay) < replay.capacity:
+            n = min(args.batch, replay.capacity - len(replay))
+            ids = torch.randint(0, model.vocab_size, (n, args.seq + 1), generator=gen)
+            replay.add(ids, torch.randn(n, args.seq, model.vocab_size, generator=gen))
+        for _ in range(2):
+            step()
     # VmHWM, not ru_maxrss: the latter includes the parent's RSS copied at fork, before exec.
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     print(json.dumps({"rss_mb": int(hwm.split()[1]) / 1024}))
 
 
-def peak_rss(args, name: str) -> float:
-    cmd = [sys.executable, __file__, "--rss-child", name] + [a for a in sys.argv[1:] if a != "--rss"]
+def peak_rss(args, name: str, storage: str) -> float:
+    cmd = ([sys.executable, __file__, "--rss-child", name] + [a for a in sys.argv[1:] if a != "--rss"]
+           + ["--replay-storage", storage])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["rss_mb"]
 
@@ -218,6 +237,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated substrings of row names to keep")
     ap.add_argument("--replay-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--replay-storage", default="auto", choices=["auto", "memory", "disk"],
+                    help="thinking.replay_storage of the S2 rows (the --rss column; 'memory' is measured beside)")
+    ap.add_argument("--replay-dir", default=None, help="where disk replay files go (default: the system temp dir)")
     ap.add_argument("--rss", action="store_true", help="also measure each EBT row's peak RSS in a fresh process")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,7 +250,9 @@ def main() -> None:
     device = torch.device(args.device)
     size = size_of(args)
     table = rows(args)
-    built = {r.name: make_step(r, size, args.batch, args.seq, device) for r in table}
+    replay_dir = tempfile.TemporaryDirectory(dir=args.replay_dir)
+    built = {r.name: make_step(r, size, args.batch, args.seq, device, args.replay_storage, Path(replay_dir.name))
+             for r in table}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_mm = args.batch * args.seq
     rate_shape = (n_mm, args.dim, max(args.vocab, 4 * args.dim))
@@ -241,14 +265,16 @@ def main() -> None:
         meter = SavedTensorMeter()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             step()
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=counter_mapping()) as counter:
             step()
         flops = counter.get_total_flops()
         s = samples[r.name]
         floors = [flops / rate / c for rate, c in zip(rates, s.cpu)]
+        replay = r.kind == "ebt" and r.thinking.replay_size > 0
         results[r.name] = dict(row=r, rows=n_rows, saved=meter.peak, flops=flops,
                                model_flops=model_flops(r, model, args.seq, n_rows), floor=floors,
-                               rss=peak_rss(args, r.name) if args.rss and r.kind == "ebt" else None)
+                               rss=peak_rss(args, r.name, args.replay_storage) if args.rss and r.kind == "ebt" else None,
+                               rss_memory=peak_rss(args, r.name, "memory") if args.rss and replay else None)
 
     print(f"\nV={args.vocab} D={args.dim} layers={args.layers} heads={args.heads} batch={args.batch} "
           f"seq={args.seq} threads={args.threads} device={device} rounds={args.rounds} (+{args.warmup} warm-up)"
@@ -257,7 +283,8 @@ def main() -> None:
           f"{fmt(rates, 1e-9)} GFLOP/s")
     print(load_line(samples) + "\n")
     head = ("| config | rows | CPU ms | wall ms | x T++ CPU | x T++ wall | saved MB | x T++ saved | "
-            "GFLOP counted | GFLOP flops.py | floor % |" + (" peak RSS MB |" if args.rss else ""))
+            "GFLOP counted | GFLOP flops.py | floor % |"
+            + (f" peak RSS MB (replay {args.replay_storage}) | peak RSS MB (replay memory) |" if args.rss else ""))
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in table:
@@ -273,7 +300,7 @@ def main() -> None:
                 f"{res['saved'] / 2**20:.1f} | {x_mem} | {res['flops'] / 1e9:.2f} | {res['model_flops'] / 1e9:.2f} | "
                 f"{quartiles(res['floor'])[1]:.0%} |")
         if args.rss:
-            line += f" {res['rss']:.0f} |" if res["rss"] is not None else " - |"
+            line += "".join(f" {res[k]:.0f} |" if res[k] is not None else " - |" for k in ("rss", "rss_memory"))
         print(line)
 
 

@@ -29,7 +29,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -231,6 +231,7 @@ def run_point(run: RunSpec) -> Dict[str, Any]:
     from pretrain.export import resolve_checkpoint
     from pretrain.flops import ebt_step_flops, transformer_pp_step_flops
     from pretrain.model import ModelConfig
+    from pretrain.thinking import ThinkingConfig
 
     summary = run_summary(run)
     checkpoint = resolve_checkpoint(run.run_dir)
@@ -253,8 +254,8 @@ def run_point(run: RunSpec) -> Dict[str, Any]:
         th = cfg["thinking"]
         rows = batch + int(round(th.get("replay_fraction", 0.0) * batch))
         lo, hi = th["num_steps"], th.get("num_steps_max") or th["num_steps"]
-        per_step = sum(ebt_step_flops(mc, seq, rows, k, th.get("create_graph", "all"), th.get("reuse_context", True))
-                       for k in range(lo, hi + 1)) / (hi - lo + 1)
+        thinking = ThinkingConfig(**{k: v for k, v in th.items() if k in {f.name for f in fields(ThinkingConfig)}})
+        per_step = sum(ebt_step_flops(mc, seq, rows, k, thinking) for k in range(lo, hi + 1)) / (hi - lo + 1)
     else:
         per_step = transformer_pp_step_flops(mc, seq, batch)
     return dict(name=run.name, family=run.family, size=run.size, arch=mc.arch, params=total,

@@ -144,6 +144,7 @@ class Progress(Callback):
         self.window_flops = 0.0
         self.train_seconds = 0.0
         self.steps_this_run = 0
+        self.compile_seconds = 0.0
 
     def on_start(self, trainer) -> None:
         self.window_start = time.time()
@@ -157,6 +158,7 @@ class Progress(Callback):
         self.steps_this_run += 1
         self.window_steps += 1
         self.window_flops += event.stats.flops
+        self.compile_seconds += event.stats.compile_seconds
         if event.skipped is not None:
             trainer.emit_metrics({"step": event.step, "loss": None, "skipped": event.skipped})
             return
@@ -181,6 +183,8 @@ class Progress(Callback):
             "skipped_steps": trainer.skipped,
             "step_seconds": elapsed / max(1, self.window_steps),
         }
+        if trainer.cfg.train.compile == "true":
+            record["compile_seconds"] = self.compile_seconds
         if stats.energy_first is not None:
             record["energy_first"] = float(stats.energy_first)
             record["energy_last"] = float(stats.energy_last)
@@ -194,6 +198,8 @@ class Progress(Callback):
             line += f" | E gap {record['energy_gap']:.3f}" + (f" | alpha {record['alpha']:.3g}" if "alpha" in record else "")
         line += (f" | lr {event.lr:.2e} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}%"
                  f" | mem {record['memory_gb']:.2f} GB | ETA {format_eta(eta)}")
+        if "compile_seconds" in record:
+            line += f" | cold compile {record['compile_seconds']:.0f} s so far"
         trainer.log(line)
         trainer.emit_metrics(record)
         self.window_start, self.window_steps, self.window_flops = time.time(), 0, 0.0

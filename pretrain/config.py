@@ -42,6 +42,7 @@ DEFAULT_EXPERIMENT = "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("disabled", "offline", "online")  # train.wandb (pretrain.sinks)
+COMPILE_MODES = ("false", "true", "auto")  # train.compile (pretrain.compiled)
 ACTIVATION_CHECKPOINTING = ("none", "block", "step", "block_vjp")  # parallel.checkpointing.MODES
 PP_SCHEDULES = ("interleaved", "gpipe")  # parallel.pipeline.SCHEDULES
 
@@ -129,6 +130,12 @@ class TrainConfig:
     under run_dir/wandb/) or `online` (pretrain.sinks). TensorBoard and the JSONL files are written either way."""
     wandb_project: str = "ebt-pretrain"
     """The W&B project of `train.wandb` runs (the run is named after run_dir)."""
+    compile: str = "auto"
+    """torch.compile of the EBT's second-order thinking step (pretrain/compiled.py): `true`,
+    `false` or `auto` (off: on this CPU a cold compile takes minutes per distinct step signature,
+    which its ~1.5x on the S1 unroll repays only after hundreds of steps; unmeasured on CUDA;
+    docs/performance.md). Exact; single process per model replica (tp = pp = 1).
+    The cold-compile seconds are in the progress line and metrics (`compile_seconds`)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "grad_accum", "keep_last_k", "eval_batches", "log_every"):
@@ -151,6 +158,9 @@ class TrainConfig:
             raise _bad("train", "wandb", f"{self.wandb!r} is not one of {WANDB_MODES}")
         if not self.wandb_project.strip():
             raise _bad("train", "wandb_project", "is empty")
+        self.compile = str(self.compile).lower()  # a YAML `true` arrives as the string "True"
+        if self.compile not in COMPILE_MODES:
+            raise _bad("train", "compile", f"{self.compile!r} is not one of {COMPILE_MODES}")
 
 
 @dataclass
@@ -234,6 +244,8 @@ class RunConfig:
         if par.pp > 1 and tr.grad_accum > 1:
             raise _bad("train", "grad_accum", f"{tr.grad_accum} with parallel.pp={par.pp}: the pipeline's micro-batches "
                        f"are the accumulation; set train.grad_accum=1 and parallel.pp_microbatches instead")
+        if tr.compile == "true" and (par.tp > 1 or par.pp > 1):
+            raise _bad("train", "compile", "true needs parallel.tp = parallel.pp = 1 (tp/pp collectives are not compiled)")
         if par.pp > 1 or par.pp_microbatches > 1:
             from parallel.pipeline import validate_pipeline
 

@@ -19,14 +19,18 @@ Two execution paths beyond the literal one, both exactly equal to it (tests prov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import torch
 
 from .model.ebt import Context, EnergyTransformer
 from .model.vocab import LOCAL_VOCAB
 from .replay import DTYPES as REPLAY_DTYPES
+from .replay import STORAGES as REPLAY_STORAGES
 from .replay import ReplayBuffer
+
+if TYPE_CHECKING:
+    from .compiled import CompiledEnergyGrad
 
 CREATE_GRAPH = ("all", "last")
 LOSS_ON = ("mean", "last")
@@ -64,6 +68,10 @@ class ThinkingConfig:
     """Rows added to each batch from the buffer, as a fraction of the batch (S2: 0.5)."""
     replay_dtype: str = "float32"
     """Storage dtype of the buffer's logits: `float32` (exact for float32 training) or `bfloat16` (half the bytes)."""
+    replay_storage: str = "auto"
+    """Where the buffer's logit rows live: `memory`, `disk` (a file under run_dir read and written
+    with pread/pwrite: page cache, not process memory; same bytes) or `auto` (disk when a full
+    buffer would exceed 1 GiB, e.g. 2.47 GB at V 50277; pretrain/replay.py)."""
     eval_steps: int = 3
     """Thinking steps at evaluation; the System-2 gain compares them with `num_steps`."""
     eval_noise_std: float = 0.0
@@ -76,7 +84,9 @@ class ThinkingConfig:
     """Compute the context stream once per batch when the conditioning allows (exact)."""
     fused_vocab: bool = True
     """End each step with the fused, chunked candidate update + cross-entropy of
-    pretrain/model/vocab.py when it applies (grad_wrt='probs', the step's y' needs no graph); exact."""
+    pretrain/model/vocab.py when it applies (grad_wrt='probs', the step's y' needs no graph); exact.
+    The one switch for both families: a Transformer++ run (model.arch=transformer++) trains
+    through the same Function as its fused LM-head cross-entropy when it is on."""
 
     @property
     def trained_steps(self) -> int:
@@ -107,6 +117,8 @@ class ThinkingConfig:
             raise bad("replay_fraction", "replay_size must be >= 0 and replay_fraction in [0, 1]")
         if self.replay_fraction > 0 and self.replay_size == 0:
             raise bad("replay_size", "replay_fraction > 0 needs thinking.replay_size > 0")
+        if self.replay_storage not in REPLAY_STORAGES:
+            raise bad("replay_storage", f"{self.replay_storage!r} is not one of {REPLAY_STORAGES}")
         if self.replay_dtype not in REPLAY_DTYPES:
             raise bad("replay_dtype", f"{self.replay_dtype!r} is not one of {tuple(REPLAY_DTYPES)}")
         if self.eval_steps < 1:
@@ -310,6 +322,7 @@ def unroll(
     num_steps: Optional[int] = None,
     initial_logits: Optional[torch.Tensor] = None,
     backward_fn: BackwardFn = _plain_backward,
+    compiled: Optional["CompiledEnergyGrad"] = None,
 ) -> UnrollResult:
     """One training unroll on a batch of token ids (B, S+1).
 
@@ -320,7 +333,17 @@ def unroll(
     (pretrain.train_module). With `backward=True` gradients of `loss * loss_scale` are
     accumulated into the parameters (per step when allowed, else once at the end) and the
     returned loss is detached; with `backward=False` the loss keeps its graph.
+    `compiled` (pretrain.compiled, `train.compile`): the fused second-order steps' energy and
+    dE/dh run through it (needs `backward=True`: its leaves' gradients are carried on there).
     """
+    carry = None
+    if compiled is not None:
+        if not backward:
+            raise ValueError("unroll: a compiled thinking step needs backward=True (it carries leaf gradients)")
+        from .compiled import LeafCarry
+
+        carry = LeafCarry()
+        backward_fn = carry.wrap(backward_fn)
     context_ids, targets = input_ids[:, :-1], input_ids[:, 1:]
     dtype = model.energy_head.weight.dtype
     device = input_ids.device
@@ -382,8 +405,11 @@ def unroll(
             with torch.no_grad():
                 p = vocab_ops.probs(y)
             h = model.cand_embed(p)
-            energy = model.energy_from_embedding(step_context, h, k)
-            (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
+            if carry is not None and make_graph:
+                energy, u = compiled(step_context, h, k, carry)
+            else:
+                energy = model.energy_from_embedding(step_context, h, k)
+                (u,) = torch.autograd.grad(energy.sum(), h, create_graph=make_graph)
             # Without create_graph g is a constant on the plain path: W_v2e must not get its term.
             w = model.cand_embed.weight if make_graph else model.cand_embed.weight.detach()
             loss_k, y, finite = vocab_ops.update_cross_entropy(p, u, w, alpha, targets)

@@ -36,8 +36,9 @@ probe need the whole model at once: they run on a full-depth copy assembled from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -47,6 +48,8 @@ from data_pipeline.order import rank_slice
 
 from . import flops as flops_mod
 from . import probe as probe_mod
+from .compiled import CompiledEnergyGrad
+from .compiled import resolve as resolve_compile
 from .config import RunConfig
 from .thinking import STREAM_REPLAY, KeyedDraws, ReplayBuffer, StepKey, think, unroll
 
@@ -78,6 +81,8 @@ class StepStats:
     """NaN/Inf in dE/dy (EBT)."""
     flops: float
     """FLOPs this rank computed (its rows, its 1/tp of the model)."""
+    compile_seconds: float = 0.0
+    """Seconds of torch.compile cold compiles in this step (`train.compile`)."""
 
 
 def _split(n: int, parts: int) -> List[slice]:
@@ -160,10 +165,14 @@ class EBTTrainModule(TrainModule):
         super().__init__(pm, cfg, device)
         self.dtype = dtype
         th = cfg.thinking
+        # Each process keeps its own copy (its vocabulary slice under tp): one file per rank.
         # Under pipeline parallelism only stage 0 holds candidates, hence the replay buffer.
         keeps_candidates = self.dims.pp == 1 or self.dims.is_first_stage
-        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype) if th.replay_size > 0 and keeps_candidates else None
+        self.replay = ReplayBuffer(th.replay_size, th.replay_dtype, th.replay_storage, Path(cfg.run_dir),
+                                   f"replay-rank{self.dims.rank}.bin") if th.replay_size > 0 and keeps_candidates else None
         self._pending: Optional[tuple] = None
+        self._compile_seen = 0.0
+        self.compiled = CompiledEnergyGrad(self.model) if resolve_compile(cfg.train.compile, device) else None
         self.pipeline = None
         if self.dims.pp > 1:
             from parallel.pipeline import EBTPipeline
@@ -204,11 +213,13 @@ class EBTTrainModule(TrainModule):
                 r = unroll(
                     model, ids[part], th, draws=KeyedDraws(key, sample_ids[part]), num_steps=k_steps,
                     initial_logits=y0[part], loss_scale=n * self.dims.dp / total_rows,
-                    backward_fn=self.pm.backward_fn(sync=i == len(parts) - 1),
+                    backward_fn=self.pm.backward_fn(sync=i == len(parts) - 1), compiled=self.compiled,
                 )
             results.append((n, r))
-            flops += flops_mod.ebt_step_flops(model.cfg, seq, r.num_rows, r.num_steps, th.create_graph,
-                                              th.reuse_context)
+            flops += flops_mod.ebt_step_flops(model.cfg, seq, r.num_rows, r.num_steps, th)
+        compile_seconds = 0.0
+        if self.compiled is not None:
+            compile_seconds, self._compile_seen = self.compiled.cold_seconds - self._compile_seen, self.compiled.cold_seconds
         if self.replay is not None:
             fresh = torch.cat([r.final_logits for _, r in results])[:rows]
             self._pending = (batch.ids, fresh)
@@ -226,6 +237,7 @@ class EBTTrainModule(TrainModule):
             energy_last=mean(r.step_energies[-1] for _, r in results),
             nonfinite_grad_input=torch.stack([r.nonfinite for _, r in results]).any(),
             flops=self._flops_share(flops),
+            compile_seconds=compile_seconds,
         )
 
     def _pipeline_step(self, ids, y0, sample_ids, key: StepKey, k_steps: int, rows: int, seq: int,
@@ -262,7 +274,8 @@ class EBTTrainModule(TrainModule):
             got = torch.stack([v.detach().double() for v in values])
             return (got * weights).sum() / weights.sum()
 
-        flops = flops_mod.ebt_step_flops(model.cfg, seq, int(weights.sum()), k_steps, th.create_graph, th.reuse_context)
+        # The pipeline's stages run the plain candidate update (not the fused one): count that path.
+        flops = flops_mod.ebt_step_flops(model.cfg, seq, int(weights.sum()), k_steps, replace(th, fused_vocab=False))
         return StepStats(
             loss=mean(result.micro_losses),
             loss_first=mean(s[0] for s in result.step_losses),
@@ -370,9 +383,13 @@ class TransformerPPTrainModule(TrainModule):
         losses, flops = [], 0.0
         for i, part in enumerate(parts):
             n = part.stop - part.start
+            # thinking.fused_vocab is the one switch for both families' fused vocabulary
+            # ops: here the chunked LM-head CE (never the (B, S, V) logits), vocab-parallel under tp.
             with self.autocast(self.dtype):
-                logits = self.model(ids[part, :-1])
-            loss = self.vocab_ops.cross_entropy(logits, ids[part, 1:])  # vocab-parallel under tp
+                if self.cfg.thinking.fused_vocab:
+                    loss = self.model.loss(ids[part, :-1], ids[part, 1:])
+                else:
+                    loss = self.vocab_ops.cross_entropy(self.model(ids[part, :-1]), ids[part, 1:])
             self.pm.backward(loss * (n * self.dims.dp / batch.global_rows), sync=i == len(parts) - 1)
             losses.append(loss.detach() * n)
             flops += flops_mod.transformer_pp_step_flops(self.model.cfg, ids.shape[1] - 1, n)

@@ -11,10 +11,8 @@ import pytest
 import torch
 
 import pretrain.train_module as train_module_mod
-from pretrain import flops
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints
 from pretrain.config import load_config
-from pretrain.model import ModelConfig
 from pretrain.plot import plot_run
 from pretrain.trainer import NonFiniteError, Trainer, build_optimizer, lr_at, train
 
@@ -161,14 +159,49 @@ def test_nonfinite_dE_dy_is_named(tmp_path, cache_dir, monkeypatch):
         Trainer(cfg, log=lambda _: None).run()
 
 
-def test_flop_count_is_ebt_aware():
-    cfg = ModelConfig(vocab_size=2048, dim=128, num_layers=2, num_heads=2, max_seq_len=64)
-    base = flops.transformer_pp_step_flops(cfg, 64, 1)
-    s1 = flops.ebt_step_flops(cfg, 64, 1, num_steps=2, create_graph="all")
-    assert 4 * base < s1 < 12 * base  # EBT_SPEC section 5: ~8x a Transformer++ step for S1
-    assert flops.ebt_step_flops(cfg, 64, 1, 3, "all") > flops.ebt_step_flops(cfg, 64, 1, 3, "last")
-    per_step = flops.ebt_step_flops(cfg, 64, 1, 2) - flops.ebt_step_flops(cfg, 64, 1, 1)
-    stepwise_ctx = replace(cfg, ebt_type="time_embed")
-    assert flops.ebt_step_flops(stepwise_ctx, 64, 1, 2) - flops.ebt_step_flops(stepwise_ctx, 64, 1, 1) > per_step
-    assert flops.ebt_step_flops(cfg, 64, 4, 2) == pytest.approx(4 * flops.ebt_step_flops(cfg, 64, 1, 2))
-    assert flops.mfu(1e9, 1.0, 1e10) == pytest.approx(0.1)
+
+def _tpp_step_grads(model, fused: bool, ids: torch.Tensor, monkeypatch=None):
+    """One TransformerPPTrainModule step (2 micro-batches) on a world of one: (loss, grads)."""
+    from types import SimpleNamespace
+
+    from pretrain.config import RunConfig
+    from pretrain.thinking import ThinkingConfig
+    from pretrain.train_module import LocalBatch, TransformerPPTrainModule
+
+    cfg = RunConfig(thinking=ThinkingConfig(fused_vocab=fused))
+    cfg = replace(cfg, train=replace(cfg.train, grad_accum=2, global_batch_size=ids.shape[0]))
+    pm = SimpleNamespace(module=model, dims=SimpleNamespace(dp=1, tp=1, dp_rank=0),
+                         backward=lambda loss, sync: loss.backward())
+    module = TransformerPPTrainModule(pm, cfg, torch.device("cpu"), torch.float64)
+    model.zero_grad(set_to_none=True)
+    stats = module.train_step(LocalBatch(ids, 0, ids.shape[0]), 0)
+    return stats.loss.item(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_transformer_pp_trains_through_the_fused_lm_head_exactly(monkeypatch):
+    """thinking.fused_vocab (on by default) gives the Transformer++ the fused LM-head CE: the
+    trainer's step takes it, and its loss and every parameter gradient equal the plain head's
+    in float64 to 1e-10; a head that drops the hidden state's gradient is caught."""
+    import pretrain.model.vocab as vocab
+    from pretrain.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dict(arch="transformer++", vocab_size=41, dim=16, num_heads=2, num_layers=2,
+                             max_seq_len=8)).double()
+    ids = torch.randint(0, 41, (6, 9), generator=torch.Generator().manual_seed(1))
+    loss_plain, g_plain = _tpp_step_grads(model, False, ids)
+    calls = []
+    real = vocab.LocalVocab.linear_cross_entropy
+    monkeypatch.setattr(vocab.LocalVocab, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
+    loss_fused, g_fused = _tpp_step_grads(model, True, ids)
+    assert len(calls) == 2, "the trainer did not take the fused LM head on both micro-batches"
+    assert abs(loss_fused - loss_plain) < 1e-10 * abs(loss_plain)
+    assert all(g is not None for g in g_fused.values())
+    for name, want in g_plain.items():
+        assert (g_fused[name] - want).abs().max().item() < 1e-10 * want.abs().max().item(), name
+    # Negative control: no gradient into the body through the head's input.
+    monkeypatch.setattr(vocab.LocalVocab, "linear_cross_entropy", lambda self, h, w, t: real(self, h.detach(), w, t))
+    loss_bad, g_bad = _tpp_step_grads(model, True, ids)
+    assert abs(loss_bad - loss_plain) < 1e-10 * abs(loss_plain)
+    missing = [n for n in g_plain if g_bad[n] is None]
+    assert missing and all(not n.startswith("lm_head") for n in missing)
