@@ -170,8 +170,9 @@ def _tpp_step_grads(model, fused: bool, ids: torch.Tensor, monkeypatch=None):
 
     cfg = RunConfig(thinking=ThinkingConfig(fused_vocab=fused))
     cfg = replace(cfg, train=replace(cfg.train, grad_accum=2, global_batch_size=ids.shape[0]))
-    pm = SimpleNamespace(module=model, dims=SimpleNamespace(dp=1, tp=1, dp_rank=0),
-                         backward=lambda loss, sync: loss.backward())
+    from parallel.dims import single_process_dims
+
+    pm = SimpleNamespace(module=model, dims=single_process_dims(), backward=lambda loss, sync: loss.backward())
     module = TransformerPPTrainModule(pm, cfg, torch.device("cpu"), torch.float64)
     model.zero_grad(set_to_none=True)
     stats = module.train_step(LocalBatch(ids, 0, ids.shape[0]), 0)
