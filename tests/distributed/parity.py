@@ -12,6 +12,7 @@ world of one inside the same rank (no collectives), built from the same seed.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,9 @@ def recipe(name: str, same_random_stream: bool = True) -> tuple[dict, ThinkingCo
 
 def module_config(thinking: ThinkingConfig, model_cfg, grad_accum: int, seed: int = 0):
     """The parts of a RunConfig a train module reads."""
-    return SimpleNamespace(thinking=thinking, model=model_cfg, train=SimpleNamespace(seed=seed, grad_accum=grad_accum),
-                           data=SimpleNamespace(seq_len=SEQ))
+    return SimpleNamespace(thinking=thinking, model=model_cfg,
+                           train=SimpleNamespace(seed=seed, grad_accum=grad_accum, compile="false"),
+                           data=SimpleNamespace(seq_len=SEQ), run_dir=tempfile.gettempdir())
 
 
 @dataclass
