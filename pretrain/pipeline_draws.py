@@ -19,7 +19,7 @@ import torch.nn as nn
 from parallel.pipeline import MicroBatch
 
 from .replay import ReplayBuffer
-from .thinking import Draws, GeneratorDraws, ThinkingConfig, draw_num_steps
+from .thinking import Draws, GeneratorDraws, ThinkingConfig, draw_num_steps, step_size_jitter
 
 
 def draw_microbatch(
@@ -55,10 +55,7 @@ def draw_microbatch(
             ids = torch.cat([input_ids, r_ids])
             y = torch.cat([y, r_logits.to(dtype)])
     rows = y.shape[0]
-    jitter = None
-    if cfg.step_size_jitter > 1.0:
-        s = cfg.step_size_jitter
-        jitter = 1.0 / s + draws.jitter((rows, seq, 1), device, dtype) * (s - 1.0 / s)
+    jitter = step_size_jitter(draws, cfg, rows, seq, device, dtype)
     noise = None
     if cfg.langevin_std > 0:
         noise = [vocab_ops.shard(draws.langevin(k, (rows, seq, model.vocab_size), device, dtype))

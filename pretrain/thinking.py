@@ -309,6 +309,15 @@ def draw_num_steps(cfg: ThinkingConfig, generator) -> int:
     return int(torch.randint(cfg.num_steps, cfg.num_steps_max + 1, (1,), generator=generator).item())
 
 
+def step_size_jitter(draws: Draws, cfg: ThinkingConfig, rows: int, seq: int, device, dtype) -> Optional[torch.Tensor]:
+    """(rows, seq, 1) per-token step-size multipliers, uniform in [1/s, s] for
+    s = thinking.step_size_jitter (S2), or None when there is no jitter."""
+    if cfg.step_size_jitter <= 1.0:
+        return None
+    s = cfg.step_size_jitter
+    return 1.0 / s + draws.jitter((rows, seq, 1), device, dtype) * (s - 1.0 / s)
+
+
 def unroll(
     model: EnergyTransformer,
     input_ids: torch.Tensor,
@@ -367,10 +376,7 @@ def unroll(
             y = torch.cat([y, r_logits.to(dtype)])
     rows = y.shape[0]
 
-    jitter = None
-    if cfg.step_size_jitter > 1.0:
-        s = cfg.step_size_jitter
-        jitter = 1.0 / s + draws.jitter((rows, seq, 1), device, dtype) * (s - 1.0 / s)
+    jitter = step_size_jitter(draws, cfg, rows, seq, device, dtype)
 
     reuse = cfg.reuse_context and not model.context_depends_on_step
     per_step = backward and cfg.detach_between_steps and cfg.per_step_backward
